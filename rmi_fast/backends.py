@@ -1,0 +1,138 @@
+"""Capability-checked dispatch.
+
+A backend implements the kernel contract of :mod:`rmi_fast.ops.spec` and says, for given inputs, whether it can
+serve them or why not. ``backend="auto"`` takes the first capable backend in the device's preference order that is
+worth using at this size; an explicit backend that cannot serve raises with its reason; when nothing fits, every
+backend's reason is reported.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .ops.spec import PairSpec
+
+
+class BackendUnavailable(ValueError):
+    """Raised when the requested backend (or every backend, for "auto") cannot serve the inputs."""
+
+
+class Backend:
+    """Base class. Subclasses implement :meth:`stats` and :meth:`grads`; optionally :meth:`stats_and_grads`.
+
+    x: (Gx, Bx, D), y: (Gy, By, D), Gx, Gy ∈ {1, G}, any strides; scale: 0-d tensor on the inputs' device.
+    """
+
+    name = "?"
+    #: True when :meth:`stats_and_grads` computes the statistics and the unit-weight gradients in one sweep.
+    fused = False
+    #: "auto" uses this backend only when Bx·By is at least this (the measured crossover with eager).
+    min_pairs_auto = 0
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot be used at all on this machine (None when it can)."""
+        return None
+
+    def why_not(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
+        """Why this backend cannot serve these inputs (None when it can)."""
+        return self.unavailable()
+
+    def stats(self, x, y, scale, spec: PairSpec) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def grads(self, x, y, scale, spec: PairSpec, stats, weights, want):
+        """(dx, dy, dscale) given the upstream gradient ``weights`` of each statistic; None where not wanted."""
+        raise NotImplementedError
+
+    def stats_and_grads(self, x, y, scale, spec: PairSpec, want):
+        """(stats, dx, dy, dscale) with every upstream weight equal to 1 (only when ``fused``)."""
+        stats = self.stats(x, y, scale, spec)
+        return (stats, *self.grads(x, y, scale, spec, stats, [torch.ones_like(s) for s in stats], want))
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch on a materialised score matrix: always available, any device and dtype."""
+
+    name = "torch"
+
+    def stats(self, x, y, scale, spec):
+        from . import reference
+
+        return reference.pair_stats(x, y, scale, spec)
+
+    def grads(self, x, y, scale, spec, stats, weights, want):
+        from . import reference
+
+        return reference.pair_grads(x, y, scale, spec, stats, weights, want)
+
+
+# name -> "module:Class"; modules are imported only when the backend is first asked about.
+_REGISTRY = {
+    "cpp": "rmi_fast.cpu:CppBackend",
+    "triton": "rmi_fast.triton:TritonBackend",
+    "cuda": "rmi_fast.cuda:CudaBackend",
+    "torch": "rmi_fast.backends:TorchBackend",
+}
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+_instances: dict[str, Backend] = {}
+
+
+class _Broken(Backend):
+    def __init__(self, name: str, reason: str):
+        self.name, self._reason = name, reason
+
+    def unavailable(self):
+        return self._reason
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
+    if name not in _instances:
+        module, cls = _REGISTRY[name].split(":")
+        try:
+            _instances[name] = getattr(importlib.import_module(module), cls)()
+        except Exception as exc:  # a missing optional dependency or compiled module
+            _instances[name] = _Broken(name, f"cannot be loaded: {type(exc).__name__}: {exc}")
+    return _instances[name]
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine, e.g. ["cpp", "torch"] on a CPU box."""
+    return [n for n in _REGISTRY if get(n).unavailable() is None]
+
+
+def status() -> dict[str, str | None]:
+    """name -> None when usable, else the reason it is not."""
+    return {n: get(n).unavailable() for n in _REGISTRY}
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select(name: str, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> Backend:
+    """The backend that will run these inputs: the named one, or the best capable one for "auto"."""
+    if name != "auto":
+        backend = get(name)
+        reason = backend.why_not(x, y, spec)
+        if reason is not None:
+            raise BackendUnavailable(f"backend={name!r} cannot serve these inputs: {reason}")
+        return backend
+    reasons = {}
+    pairs = x.shape[1] * y.shape[1]
+    for candidate in _PREFERENCE["cuda" if x.device.type == "cuda" else "cpu"]:
+        backend = get(candidate)
+        reason = backend.why_not(x, y, spec)
+        if reason is None and pairs < backend.min_pairs_auto:
+            reason = f"below its measured crossover ({pairs} < {backend.min_pairs_auto} score pairs)"
+        if reason is None:
+            return backend
+        reasons[candidate] = reason
+    raise BackendUnavailable("no backend can serve these inputs: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))

@@ -1,0 +1,138 @@
+"""The negative-part reduction as a ``torch.library`` custom op with a closed-form backward.
+
+``pair_reduce`` returns the statistics of :mod:`rmi_fast.ops.spec` and is differentiable in x, y and scale. Its
+backward never differentiates through a B×B matrix: it asks the backend for dx = scale·G·y, dy = scale·Gᵀ·x and
+dscale = Σ G∘(x·yᵀ) directly.
+
+Fused mode (``fused=True``): the caller promises that the upstream gradient of every statistic is one and the same
+scalar (true whenever the statistics feed a plain mean or sum, i.e. reduction="mean"/"sum"). A fused backend then
+computes the gradients for unit weights in the same sweep as the statistics (for the row family one GEMM fewer than
+forward + recomputing backward) and the backward only rescales them, as Liger-Kernel does for its losses.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from .spec import PairSpec
+
+_EMPTY = (0,)
+
+
+def _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic) -> PairSpec:
+    return PairSpec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(_EMPTY) if t is None else t
+
+
+@torch.library.custom_op("rmi_fast::pair_reduce", mutates_args=())
+def _pair_reduce(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+    family: str, transform: str, clip: float, diagonal: str, diag_offset: int, columns: bool, deterministic: bool,
+    backend: str, fused: bool, want_dx: bool, want_dy: bool, want_dscale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (stat0, stat1 or empty, dx or empty, dy or empty, dscale or empty); gradients only in fused mode."""
+    spec = _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
+    impl = backends.get(backend)
+    want = (want_dx, want_dy, want_dscale)
+    if fused and any(want):
+        stats, dx, dy, dscale = impl.stats_and_grads(x, y, scale, spec, want)
+    else:
+        stats, dx, dy, dscale = impl.stats(x, y, scale, spec), None, None, None
+    stat1 = stats[1] if columns else None
+    return (stats[0], _or_empty(stat1, stats[0]), _or_empty(dx, x), _or_empty(dy, y), _or_empty(dscale, scale))
+
+
+@_pair_reduce.register_fake
+def _(x, y, scale, family, transform, clip, diagonal, diag_offset, columns, deterministic, backend, fused,
+      want_dx, want_dy, want_dscale):
+    spec = _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
+    G = max(x.shape[0], y.shape[0])
+    shapes = spec.stat_shapes(G, x.shape[1], y.shape[1])
+    dt = _stat_dtype(x)
+    stat0 = x.new_empty(shapes[0], dtype=dt)
+    stat1 = x.new_empty(shapes[1] if columns else _EMPTY, dtype=dt)
+    on = fused and (want_dx or want_dy or want_dscale)
+    return (stat0, stat1, x.new_empty(x.shape if on and want_dx else _EMPTY),
+            y.new_empty(y.shape if on and want_dy else _EMPTY),
+            scale.new_empty(() if on and want_dscale else _EMPTY))
+
+
+@torch.library.custom_op("rmi_fast::pair_reduce_backward", mutates_args=())
+def _pair_reduce_backward(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, stat0: torch.Tensor, stat1: torch.Tensor,
+    w0: torch.Tensor, w1: torch.Tensor,
+    family: str, transform: str, clip: float, diagonal: str, diag_offset: int, columns: bool, deterministic: bool,
+    backend: str, want_dx: bool, want_dy: bool, want_dscale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
+    stats, weights = ([stat0, stat1], [w0, w1]) if columns else ([stat0], [w0])
+    dx, dy, dscale = backends.get(backend).grads(x, y, scale, spec, stats, weights, (want_dx, want_dy, want_dscale))
+    return _or_empty(dx, x), _or_empty(dy, y), _or_empty(dscale, scale)
+
+
+@_pair_reduce_backward.register_fake
+def _(x, y, scale, stat0, stat1, w0, w1, family, transform, clip, diagonal, diag_offset, columns, deterministic,
+      backend, want_dx, want_dy, want_dscale):
+    return (x.new_empty(x.shape if want_dx else _EMPTY), y.new_empty(y.shape if want_dy else _EMPTY),
+            scale.new_empty(() if want_dscale else _EMPTY))
+
+
+_OPTIONS = ("family", "transform", "clip", "diagonal", "diag_offset", "columns", "deterministic", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, scale = inputs[:3]
+    ctx.options = dict(zip(_OPTIONS, inputs[3:11]))
+    ctx.fused = inputs[11] and any(inputs[12:15])
+    stat0, stat1, dx, dy, dscale = output
+    if ctx.fused:
+        ctx.save_for_backward(dx, dy, dscale)
+    else:
+        ctx.save_for_backward(x, y, scale, stat0, stat1)
+
+
+def _grad_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _backward(ctx, g0, g1, *_unused_grad_outputs):
+    want = ctx.needs_input_grad[:3]
+    if ctx.fused:
+        # Every statistic's upstream gradient is the same scalar w (see module docstring): grads = w · unit grads.
+        dx, dy, dscale = ctx.saved_tensors
+        w = g0.reshape(-1)[0]
+        scaled = [(t * w).to(t.dtype) if need else None for t, need in zip((dx, dy, dscale), want)]
+        return (*scaled,) + (None,) * 12
+    x, y, scale, stat0, stat1 = ctx.saved_tensors
+    w1 = _grad_zero(g1, stat1) if ctx.options["columns"] else stat1
+    o = ctx.options
+    dx, dy, dscale = _pair_reduce_backward(
+        x, y, scale, stat0, stat1, _grad_zero(g0, stat0), w1,
+        o["family"], o["transform"], o["clip"], o["diagonal"], o["diag_offset"], o["columns"], o["deterministic"],
+        o["backend"], *want)
+    return (dx if want[0] else None, dy if want[1] else None, dscale if want[2] else None) + (None,) * 12
+
+
+_pair_reduce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: PairSpec, backend: str = "auto",
+                fused: bool = False) -> list[torch.Tensor]:
+    """Statistics of the negative part (see :mod:`rmi_fast.ops.spec`), differentiable in x, y and scale.
+
+    x: (Gx, Bx, D), y: (Gy, By, D) with Gx, Gy ∈ {1, G}; scale: 0-d tensor. Returns [r] / [r, c] / [L].
+    """
+    impl = backends.select(backend, x, y, spec)
+    grad_on = torch.is_grad_enabled()
+    want = [grad_on and t.requires_grad for t in (x, y, scale)]
+    stat0, stat1, *_ = _pair_reduce(
+        x, y, scale, spec.family, spec.transform, float(spec.clip), spec.diagonal, int(spec.diag_offset),
+        spec.columns, spec.deterministic, impl.name, fused and impl.fused, *want)
+    return [stat0, stat1] if spec.columns else [stat0]
