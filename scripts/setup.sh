@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with torch (CPU build unless one is already installed), builds the compiled kernels and installs
+# rmi_fast with its test tools. Idempotent: re-running only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+pip() { python -m pip --disable-pip-version-check -q "$@"; }
+
+# A pinned torch: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine.
+python -c "import torch" 2>/dev/null || pip install "torch==${RMI_FAST_TORCH_VERSION:-2.13.0}"
+pip install setuptools wheel cmake ninja
+# --no-build-isolation: the extension must be built against the torch installed above.
+pip install --no-build-isolation -e ".[test]"
+python -m rmi_fast.cli info

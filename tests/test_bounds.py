@@ -1,0 +1,218 @@
+"""Every bound, on every CPU backend, against the fp64 oracle of rmi_fast.reference: values, per-anchor terms and
+gradients for x, y and a learnable scale, with a non-uniform upstream gradient, over odd shapes and groups."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rmi_fast as rf
+from rmi_fast import reference as R
+
+from conftest import tolerance
+
+BOUNDS = ["infonce", "nwj", "dv", "smile", "jsd"]
+# (x shape, y shape): plain, odd sizes, each operand broadcast over groups, both grouped.
+SHAPES = {
+    "B2": ((2, 5), (2, 5)),
+    "B17_D13": ((17, 13), (17, 13)),
+    "B257_D70": ((257, 70), (257, 70)),
+    "x_broadcast": ((19, 11), (4, 19, 11)),
+    "y_broadcast": ((3, 23, 9), (23, 9)),
+    "grouped": ((2, 31, 6), (2, 31, 6)),
+}
+
+
+def _inputs(xs, ys, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = xs[-1]
+    x = (torch.randn(xs, generator=g, dtype=torch.float64) / math.sqrt(D)).to(dtype)
+    y = (0.6 * x.to(torch.float64).expand(*ys[:-2], *xs[-2:]) if len(ys) >= len(xs) else 0.6 * x[0].to(torch.float64))
+    y = (y + 0.8 * torch.randn(ys, generator=g, dtype=torch.float64) / math.sqrt(D)).to(dtype)
+    return x.requires_grad_(), y.requires_grad_()
+
+
+def _oracle(bound, x, y, scale, reduction, weights, **kw):
+    """fp64 value and gradients of the oracle on the same (rounded) inputs."""
+    x64 = x.detach().double().requires_grad_()
+    y64 = y.detach().double().requires_grad_()
+    s64 = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    t = R.BOUNDS[bound](x64, y64, s64, **kw)
+    if x.dim() == 2 and y.dim() == 2:
+        t = t.squeeze(0)
+    value = {"mean": t.mean(), "sum": t.sum(), "none": t}[reduction]
+    out = (value * weights.double()).sum() if reduction == "none" else value
+    return (value.detach(),) + torch.autograd.grad(out, (x64, y64, s64))
+
+
+def _kwargs(bound, diagonal):
+    kw = {} if bound == "infonce" else {"diagonal": diagonal}
+    if bound == "smile":
+        kw["clip"] = 2.0
+    return kw
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bound_matches_oracle(backend, bound, shape, reduction):
+    x, y = _inputs(*SHAPES[shape])
+    scale = torch.tensor(2.5, requires_grad=True)
+    kw = _kwargs(bound, "exclude")
+    t = rf.mi_bound(x, y, bound, scale=scale, reduction=reduction, backend=backend, **kw)
+    assert t.dtype == torch.float32
+    weights = torch.rand(t.shape, generator=torch.Generator().manual_seed(1)) if reduction == "none" else torch.ones(())
+    gx, gy, gs = torch.autograd.grad((t * weights).sum(), (x, y, scale))
+    ref, rgx, rgy, rgs = _oracle(bound, x, y, 2.5, reduction, weights, **kw)
+    tol = tolerance(torch.float32)
+    assert t.shape == ref.shape
+    torch.testing.assert_close(t.double(), ref, **tol)
+    torch.testing.assert_close(gx.double(), rgx, **tol)
+    torch.testing.assert_close(gy.double(), rgy, **tol)
+    torch.testing.assert_close(gs.double(), rgs, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bound", ["nwj", "dv", "smile", "jsd"])
+def test_zero_diagonal_compatibility(backend, bound):
+    """diagonal="zero" reproduces the released code: S_ii counted as 0 among the negatives."""
+    x, y = _inputs((13, 7), (13, 7), seed=3)
+    kw = _kwargs(bound, "zero")
+    t = rf.mi_bound(x, y, bound, scale=1.5, reduction="none", backend=backend, **kw)
+    w = torch.linspace(0.5, 1.5, 13)
+    gx, gy = torch.autograd.grad((t * w).sum(), (x, y))
+    ref, rgx, rgy, _ = _oracle(bound, x, y, 1.5, "none", w, **kw)
+    tol = tolerance(torch.float32)
+    torch.testing.assert_close(t.double(), ref, **tol)
+    torch.testing.assert_close(gx.double(), rgx, **tol)
+    torch.testing.assert_close(gy.double(), rgy, **tol)
+
+
+def test_sum_reduction_and_infonce_single_row(backend):
+    x, y = _inputs((9, 4), (9, 4))
+    for bound in BOUNDS:
+        total = rf.mi_bound(x, y, bound, reduction="sum", backend=backend)
+        terms = rf.mi_bound(x, y, bound, reduction="none", backend=backend)
+        torch.testing.assert_close(total, terms.sum(), atol=1e-5, rtol=1e-5)
+    one = rf.mi_bound(x[:1], y[:1], "infonce", backend=backend)  # B = 1: the only class is the positive
+    assert one.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradients_flow_only_where_required(backend):
+    x, y = _inputs((12, 5), (12, 5))
+    y = y.detach()
+    scale = torch.tensor(1.0)  # not learnable
+    t = rf.mi_bound(x, y, "dv", scale=scale, backend=backend)
+    t.backward()
+    assert x.grad is not None and y.grad is None and scale.grad is None
+
+
+def test_any_strides(backend):
+    """Transposed and sliced views give the same result as their contiguous copies."""
+    x = torch.randn(32, 17).T  # (17, 32), transposed
+    y = torch.randn(17, 64)[:, ::2]  # (17, 32), every other column
+    for bound in BOUNDS:
+        a = rf.mi_bound(x, y, bound, reduction="none", backend=backend, scale=0.3)
+        b = rf.mi_bound(x.contiguous(), y.contiguous(), bound, reduction="none", backend=backend, scale=0.3)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bound", ["infonce", "dv", "smile", "jsd"])
+def test_huge_scores_are_finite_and_exact(backend, bound):
+    """|S| up to 1e4: a running max (never a fixed shift) keeps the log-sum-exps exact."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 8, generator=g)
+    y = x + 0.3 * torch.randn(24, 8, generator=g)
+    scale = 1e4 / (x @ y.T).abs().max().item()
+    t = rf.mi_bound(x, y, bound, scale=scale, reduction="none", backend=backend)
+    ref = R.BOUNDS[bound](x.double(), y.double(), scale).squeeze(0)
+    assert torch.isfinite(t).all()
+    torch.testing.assert_close(t.double(), ref, atol=0.5, rtol=1e-4)  # 1e-4 of |S| ~ 1e4 is fp32's resolution
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_nan_in_never_comes_out_finite(backend, bound):
+    x, y = _inputs((10, 6), (10, 6))
+    x = x.detach().clone()
+    x[3, 2] = float("nan")
+    t = rf.mi_bound(x, y.detach(), bound, reduction="none", backend=backend)
+    # Row 3's own term is NaN; the global bounds (dv, smile) make every term NaN; the bound's mean is NaN.
+    assert torch.isnan(t[3])
+    assert torch.isnan(rf.mi_bound(x, y.detach(), bound, backend=backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(backend, dtype):
+    """bf16/fp16 inputs give fp32 results (fp32 accumulation); fp64 gives fp64. Gradients keep the input dtype."""
+    x, y = _inputs((21, 16), (21, 16), dtype=dtype)
+    for bound in BOUNDS:
+        t = rf.mi_bound(x, y, bound, scale=2.0, backend=backend)
+        assert t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        ref = R.BOUNDS[bound](x.detach().double(), y.detach().double(), 2.0).mean()
+        torch.testing.assert_close(t.double(), ref, **tolerance(dtype))
+        (gx,) = torch.autograd.grad(t, x)
+        assert gx.dtype == dtype
+
+
+def test_mine_gradient_against_moving_average(backend):
+    x, y = _inputs((15, 6), (15, 6))
+    ema = torch.tensor(1.7)
+    t = rf.mi_bound(x, y, "mine", scale=1.3, mine_ema=ema, backend=backend)
+    gx, gy = torch.autograd.grad(t, (x, y))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    ref = R.mine(x64, y64, 1.3, ema=1.7).mean()
+    rgx, rgy = torch.autograd.grad(ref, (x64, y64))
+    torch.testing.assert_close(t.double(), R.dv(x64, y64, 1.3).mean().detach(), **tolerance(torch.float32))
+    torch.testing.assert_close(gx.double(), rgx, **tolerance(torch.float32))
+    torch.testing.assert_close(gy.double(), rgy, **tolerance(torch.float32))
+
+
+def test_mine_tracks_the_moving_average(backend):
+    x, y = _inputs((15, 6), (15, 6))
+    mine = rf.MINE(momentum=0.5, scale=1.3, backend=backend)
+    mine(x, y)
+    B = 15
+    batch_mean = torch.exp(R.scores(x.detach().double(), y.detach().double(), 1.3))[0]
+    batch_mean = (batch_mean.sum() - batch_mean.diagonal().sum()) / (B * (B - 1))
+    assert mine.ema.item() == pytest.approx(batch_mean.item(), rel=1e-4)
+    mine(x, y)  # same batch again: the average is unchanged
+    assert mine.ema.item() == pytest.approx(batch_mean.item(), rel=1e-4)
+
+
+def test_deterministic_is_bitwise_repeatable(backend):
+    x, y = _inputs((64, 24), (64, 24))
+    runs = []
+    for _ in range(2):
+        t = rf.mi_bound(x, y, "dv", scale=3.0, backend=backend, deterministic=True)
+        runs.append((t.detach(), *torch.autograd.grad(t, (x, y))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _gaussian_critic_inputs(n, d, rho, seed):
+    """Samples of (X, Y) with corr ρ per dimension, embedded so that <x̃, ỹ> is the exact log density ratio.
+
+    log p(y|x)/p(y) = −d/2·log(1−ρ²) − (ρ²|x|² − 2ρ<x,y> + ρ²|y|²) / (2(1−ρ²)), a sum of a bilinear term, a term in x
+    alone, one in y alone and a constant: x̃ = [a·x, q(x), 1, 1], ỹ = [y, 1, q(y), c] with a = ρ/(1−ρ²).
+    """
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ys = rho * xs + math.sqrt(1 - rho**2) * torch.randn(n, d, generator=g, dtype=torch.float64)
+    a, b = rho / (1 - rho**2), rho**2 / (2 * (1 - rho**2))
+    c = -0.5 * d * math.log(1 - rho**2)
+    one = torch.ones(n, 1, dtype=torch.float64)
+    x_t = torch.cat([a * xs, -b * (xs**2).sum(1, keepdim=True), one, one], 1)
+    y_t = torch.cat([ys, one, -b * (ys**2).sum(1, keepdim=True), c * one], 1)
+    return x_t, y_t, c
+
+
+@pytest.mark.parametrize("bound", ["infonce", "nwj", "dv"])
+def test_correlated_gaussians_with_the_exact_critic_recover_the_true_mi(backend, bound):
+    """With the optimal critic each bound estimates I = −d/2·log(1−ρ²) (NWJ's optimal critic is 1 + log ratio)."""
+    d, rho, n = 2, 0.6, 4096
+    x_t, y_t, c = _gaussian_critic_inputs(n, d, rho, seed=7)
+    if bound == "nwj":
+        y_t[:, -1] += 1.0
+    true_mi = c
+    est = rf.mi_bound(x_t.float(), y_t.float(), bound, backend=backend).item()
+    assert est == pytest.approx(true_mi, abs=0.06), (bound, est, true_mi)
