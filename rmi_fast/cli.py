@@ -35,8 +35,14 @@ def _add_info(sub) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- bench
 
+def _add_bench(sub) -> None:
+    pass
+
 
 # ---------------------------------------------------------------------------------------- the paper's system
+
+def _add_paper(sub) -> None:
+    pass
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -45,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmi-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_info(sub)
+    _add_bench(sub)
+    _add_paper(sub)
     return parser
 
 
