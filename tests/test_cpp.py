@@ -1,0 +1,264 @@
+"""The C++ CPU kernels beyond the generic suites: many tiles and threads, fused vs unfused, huge scores, offset
+diagonals, bitwise repeatability, memory, low precision, NaN, strides and the portable SIMD build."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rmi_fast as rf
+from rmi_fast import backends
+from rmi_fast import reference as R
+from rmi_fast.ops.spec import PairSpec
+
+pytestmark = pytest.mark.skipif(backends.get("cpp").unavailable() is not None,
+                                reason=f"cpp backend unavailable: {backends.get('cpp').unavailable()}")
+
+F32 = dict(atol=2e-4, rtol=2e-4)
+SPECS = {
+    "infonce": PairSpec("row_lse"),
+    "infonce_sym": PairSpec("row_lse", columns=True),
+    "nt_xent": PairSpec("row_lse", diagonal="exclude"),
+    "dv": PairSpec("global_lse", diagonal="exclude"),
+    "smile": PairSpec("global_lse", "clip", clip=1.5, diagonal="exclude"),
+    "nwj": PairSpec("row_sum", "exp_m1", diagonal="exclude"),
+    "jsd": PairSpec("row_sum", "softplus", diagonal="exclude"),
+    "jsd_zero": PairSpec("row_sum", "softplus", diagonal="zero"),
+    "dv_zero": PairSpec("global_lse", diagonal="zero"),
+}
+
+
+@pytest.fixture
+def cpp():
+    return backends.get("cpp")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """Two threads so that partitions and their reductions are exercised; restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _embeddings(shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale / math.sqrt(shape[-1])
+
+
+def _weights(spec, G, Bx, By, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(s, generator=g) + 0.5 for s in spec.stat_shapes(G, Bx, By)]
+
+
+def _oracle(x, y, scale, spec, weights):
+    """fp64 statistics and gradients of the torch backend (the readable eager definition) on the same inputs."""
+    x64, y64, s64 = x.double(), y.double(), torch.tensor(float(scale), dtype=torch.float64)
+    stats = R.pair_stats(x64, y64, s64, spec)
+    return stats, R.pair_grads(x64, y64, s64, spec, stats, [w.double() for w in weights], (True, True, True))
+
+
+def _check(cpp, x, y, scale, spec, atol=2e-4, rtol=2e-4):
+    G = max(x.shape[0], y.shape[0])
+    weights = _weights(spec, G, x.shape[1], y.shape[1])
+    s = torch.tensor(scale)
+    stats = cpp.stats(x, y, s, spec)
+    grads = cpp.grads(x, y, s, spec, stats, weights, (True, True, True))
+    ref_stats, ref_grads = _oracle(x, y, scale, spec, weights)
+    for got, ref in zip(stats, ref_stats):
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_many_tiles_against_oracle(cpp, name):
+    """B = 1000, D = 70: many row tiles, a ragged last tile, two partitions."""
+    x = _embeddings((1, 1000, 70), 0)
+    y = 0.5 * x + _embeddings((1, 1000, 70), 1)
+    _check(cpp, x, y, 3.0, SPECS[name])
+
+
+@pytest.mark.parametrize("name", ["infonce_sym", "dv", "smile", "jsd"])
+def test_groups_with_a_broadcast_operand(cpp, name):
+    x = _embeddings((1, 300, 20), 2)
+    y = _embeddings((3, 300, 20), 3)
+    _check(cpp, x, y, 2.0, SPECS[name])
+    _check(cpp, y, x, 2.0, SPECS[name])
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fused_equals_unfused(cpp, name):
+    spec = SPECS[name]
+    x = _embeddings((2, 333, 24), 4)
+    y = _embeddings((2, 333, 24), 5)
+    s = torch.tensor(4.0)
+    stats, dx, dy, ds = cpp.stats_and_grads(x, y, s, spec, (True, True, True))
+    ref_stats = cpp.stats(x, y, s, spec)
+    ref = cpp.grads(x, y, s, spec, ref_stats, [torch.ones_like(t) for t in ref_stats], (True, True, True))
+    for a, b in zip(stats, ref_stats):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip((dx, dy, ds), ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_symmetric_infonce_with_huge_scores(cpp):
+    """|S| up to 1e4: row and column log-sum-exps finite and exact (running maxima merged across tiles)."""
+    x = torch.nn.functional.normalize(_embeddings((1, 500, 32), 6), dim=-1)
+    y = torch.nn.functional.normalize(_embeddings((1, 500, 32), 7), dim=-1)
+    spec = SPECS["infonce_sym"]
+    stats = cpp.stats(x, y, torch.tensor(1e4), spec)
+    ref, _ = _oracle(x, y, 1e4, spec, _weights(spec, 1, 500, 500))
+    assert stats[0].abs().max() > 1e3
+    for got, want in zip(stats, ref):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, atol=0.05, rtol=1e-5)
+    _, dx, dy, _ = cpp.stats_and_grads(x, y, torch.tensor(1e4), spec, (True, True, False))
+    assert torch.isfinite(dx).all() and torch.isfinite(dy).all()
+    loss = rf.infonce_loss(x[0], y[0], temperature=1e-4, symmetric=True, backend="cpp")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("diagonal", ["exclude", "zero"])
+@pytest.mark.parametrize("family,transform", [("row_lse", "none"), ("global_lse", "none"), ("global_lse", "clip"),
+                                              ("row_sum", "exp_m1"), ("row_sum", "softplus")])
+@pytest.mark.parametrize("offset", [30, -5])
+def test_diagonal_offset(cpp, family, transform, diagonal, offset):
+    """Bx != By: row i's diagonal entry is column i + diag_offset (y holds other ranks' rows too)."""
+    spec = PairSpec(family, transform, clip=1.0, diagonal=diagonal, diag_offset=offset,
+                    columns=family == "row_lse")
+    x = _embeddings((2, 90, 12), 8)
+    y = _embeddings((2, 150, 12), 9)
+    _check(cpp, x, y, 2.0, spec)
+
+
+@pytest.mark.parametrize("name", ["infonce_sym", "dv", "smile", "jsd", "nwj"])
+def test_bitwise_repeatable(cpp, name):
+    spec = SPECS[name]
+    x = _embeddings((1, 700, 40), 10)
+    y = _embeddings((1, 700, 40), 11)
+    s = torch.tensor(5.0)
+    w = _weights(spec, 1, 700, 700)
+    for _ in range(2):
+        runs = [(cpp.stats_and_grads(x, y, s, spec, (True, True, True)),
+                 cpp.grads(x, y, s, spec, cpp.stats(x, y, s, spec), w, (True, True, True))) for _ in range(3)]
+        flat = [[t for part in (fused[0], fused[1:], unfused) for t in part] for fused, unfused in runs]
+        for other in flat[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(flat[0], other))
+        torch.set_num_threads(1)  # and again single-threaded
+
+
+def test_no_quadratic_memory():
+    """A fused call at B = 6144 grows the peak RSS by far less than one B×B fp32 matrix (151 MB)."""
+    code = textwrap.dedent("""
+        import resource, torch, rmi_fast as rf
+        from rmi_fast import backends
+        from rmi_fast.ops.spec import PairSpec
+        torch.set_num_threads(2)
+        B, D = 6144, 32
+        x, y = torch.randn(1, B, D) / 6, torch.randn(1, B, D) / 6
+        cpp, s = backends.get("cpp"), torch.tensor(2.0)
+        cpp.stats_and_grads(x[:, :256], y[:, :256], s, PairSpec("row_lse"), (True, True, True))  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for spec in (PairSpec("row_lse", columns=True), PairSpec("global_lse"), PairSpec("row_sum", "softplus")):
+            cpp.stats_and_grads(x, y, s, spec, (True, True, True))
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth = int(out.stdout.split()[-1])
+    assert growth < 6144 * 6144 * 4 / 4, f"peak RSS grew by {growth / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(cpp, dtype):
+    x = _embeddings((1, 257, 33), 12).to(dtype)
+    y = _embeddings((1, 257, 33), 13).to(dtype)
+    for name in ("infonce_sym", "smile", "jsd"):
+        spec = SPECS[name]
+        stats, dx, dy, ds = cpp.stats_and_grads(x, y, torch.tensor(3.0), spec, (True, True, True))
+        assert stats[0].dtype == torch.float32 and dx.dtype == dtype and dy.dtype == dtype
+        ref_stats, (rdx, rdy, rds) = _oracle(x.float(), y.float(), 3.0, spec, [torch.ones_like(t) for t in stats])
+        for a, b in zip(stats, ref_stats):
+            torch.testing.assert_close(a.double(), b, **F32)
+        torch.testing.assert_close(dx.double(), rdx, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(dy.double(), rdy, atol=2e-2, rtol=2e-2)
+    xa = x[0].clone().requires_grad_()
+    t = rf.infonce_loss(xa, y[0], backend="cpp")
+    (gx,) = torch.autograd.grad(t, xa)
+    assert t.dtype == torch.float32 and gx.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ["infonce_sym", "dv", "smile", "nwj", "jsd"])
+def test_nan_is_never_finite(cpp, name):
+    spec = SPECS[name]
+    x = _embeddings((1, 200, 16), 14)
+    y = _embeddings((1, 200, 16), 15)
+    x[0, 123, 5] = float("nan")
+    stats, dx, dy, ds = cpp.stats_and_grads(x, y, torch.tensor(2.0), spec, (True, True, True))
+    if spec.family == "global_lse":
+        assert torch.isnan(stats[0]).all()
+    else:
+        assert torch.isnan(stats[0][0, 123]) and torch.isfinite(stats[0][0, :123]).all()
+    if spec.columns:
+        assert torch.isnan(stats[1]).all()
+    # Every dy_j sums over row 123 (dy_123 too, unless its pair (123, 123) is excluded from the negatives).
+    others = torch.arange(200) != 123
+    assert torch.isnan(dy[0, others]).any(-1).all() and torch.isnan(ds)
+    assert torch.isnan(dx[0, 123]).all()
+
+
+def test_any_strides(cpp):
+    base = _embeddings((2, 40, 300), 16)
+    x = base[:, :, ::3].transpose(0, 1)[:, :, :60].transpose(0, 1)  # non-contiguous (2, 40, 60)
+    y = _embeddings((60, 2, 40), 17).permute(1, 2, 0)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    spec = SPECS["infonce_sym"]
+    got = cpp.stats_and_grads(x, y, torch.tensor(2.0), spec, (True, True, True))
+    want = cpp.stats_and_grads(x.contiguous(), y.contiguous(), torch.tensor(2.0), spec, (True, True, True))
+    for a, b in zip([*got[0], *got[1:]], [*want[0], *want[1:]]):
+        assert torch.equal(a, b)
+
+
+def test_capabilities(cpp):
+    x = torch.randn(1, 8, 4, dtype=torch.float64)
+    assert "fp64" in cpp.why_not(x, x, SPECS["infonce"])
+    assert "CPU" in cpp.why_not(x.float().to("meta"), x.float().to("meta"), SPECS["infonce"])
+    assert backends.select("auto", x, x, SPECS["infonce"]).name == "torch"
+    big = torch.randn(1, 4096, 4)
+    assert backends.select("auto", big, big, SPECS["infonce"]).name == "cpp"
+    assert cpp.fused and cpp.name == "cpp"
+
+
+def test_portable_build_matches():
+    """The baseline-ISA build of the elementwise passes (RMI_FAST_CPU_ISA=base) agrees with the dispatched one."""
+    code = textwrap.dedent("""
+        import torch, rmi_fast._C as C
+        from rmi_fast import backends
+        from rmi_fast.ops.spec import PairSpec
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(1, 150, 9, generator=g), torch.randn(1, 150, 9, generator=g)
+        out = [C.cpu_isa()]
+        for spec in (PairSpec("row_lse", columns=True), PairSpec("global_lse", "clip", clip=1.0, diagonal="exclude"),
+                     PairSpec("row_sum", "softplus", diagonal="exclude"), PairSpec("row_sum", "exp_m1")):
+            st, dx, dy, ds = backends.get("cpp").stats_and_grads(x, y, torch.tensor(1.7), spec, (True, True, True))
+            out += [t.double() for t in (*st, dx, dy, ds)]
+        torch.save(out, __import__("sys").argv[1])
+    """)
+    results = {}
+    for isa in ("base", None):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rmi_fast_isa_{os.getpid()}_{isa}.pt")
+        env = {k: v for k, v in os.environ.items() if k != "RMI_FAST_CPU_ISA"}
+        if isa:
+            env["RMI_FAST_CPU_ISA"] = isa
+        subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+        results[isa] = torch.load(path)
+        os.remove(path)
+    assert results["base"][0] == "base"
+    for a, b in zip(results["base"][1:], results[None][1:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
