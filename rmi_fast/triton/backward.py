@@ -1,0 +1,397 @@
+"""The gradient sweep shared by the three families, its three variants, and the dispatch between them.
+
+Given the family's gradient matrix G (G_ij = Σ weight · dStat/dS_ij, computed tile by tile from S and the O(B)
+fp32 statistics by the family's ``grad_tile``), every family needs
+
+    dx = scale · G·y,      dy = scale · Gᵀ·x,      dscale = Σ_ij G_ij · <x_i, y_j>,
+
+summed over groups for an operand broadcast over them. One kernel, :func:`sweep_kernel`, computes them: a program
+owns a block of rows of one operand ("own", A) and sweeps blocks of rows of the other ("other", B), recomputing
+the score tile and G for each, accumulating a (BLOCK_M, BLOCK_D) slice of its own gradient rows in fp32 registers
+(no store until the end), and optionally adding its contribution to the other operand's gradient with fp32
+atomics. A D wider than BLOCK_D adds a grid axis over feature blocks, each of which recomputes the score tiles.
+Run with x as A it produces dx; run "transposed" (y as A, the tile is Sᵀ) it produces dy. The row_sum family also
+takes its statistic from this sweep (its gradient needs no normaliser, so statistic and gradient come from the
+same tiles).
+
+Backward variants (all exact; see :func:`choose_plan`):
+
+* ``two_pass`` — (a) two atomic-free passes: dx by row programs sweeping columns, dy by column programs sweeping
+  rows. Computes S twice (2 + 2 GEMM-equivalents per feature block) but every store is plain: deterministic.
+* ``atomic``   — (b) one pass: row programs produce dx and add Gᵀ·x into an fp32 dy buffer with atomics
+  (1 + 2 GEMM-equivalents, plus By·D atomics per row block). Not deterministic.
+* ``split``    — (c) two passes whose sweeps are each cut into ``split`` chunks run by separate programs: more
+  programs for small B. The chunks' fp32 partial gradients meet through atomics, or, when deterministic, in
+  per-chunk fp32 buffers summed in a fixed order.
+
+The gradient of a broadcast operand is a sum over groups: the group is a grid axis, and the per-group programs'
+results meet like split chunks do (atomics, or fp32 partial buffers summed in fixed order when deterministic).
+``dscale`` is reduced from one fp32 partial per program in fixed order.
+
+Memory: O(B·D) for the gradients (+ fp32 buffers of the same order: ``split`` × groups partials when
+deterministic), O(programs) for the dscale partials; no B×B array exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, mma, \
+    score_tile, stat_buffer, tile_config
+
+# How a program's own gradient rows leave it.
+OWN_NONE = tl.constexpr(0)     # not wanted (statistic or dscale only)
+OWN_STORE = tl.constexpr(1)    # the program owns the rows outright: cast to the input dtype and store
+OWN_PARTIAL = tl.constexpr(2)  # fp32 partial of one (group, chunk) into its own slice of a buffer: summed later
+OWN_ATOMIC = tl.constexpr(3)   # fp32 atomic add into one buffer shared by the groups / chunks
+
+
+# Derivation. For a tile of own rows a and other rows b (the spec's (i, j) = (a, b), or (b, a) when transposed):
+#   raw_ab = <A_a, B_b>,  S_ab = scale·raw_ab,  G_ab = grad_tile(S_ab)  (0 off the matrix and on a non-included
+#   diagonal, whose entries are constants or absent),
+#   own_a  += Σ_b G_ab · B_b          (dot of the (M, N) G tile with the (N, BLOCK_D) slice of B)
+#   other_b += Σ_a G_ab · A_a         (dot of Gᵀ with the (M, BLOCK_D) slice of A; atomics: other programs share b)
+#   dscale  += Σ_ab G_ab · raw_ab ,   stat_a += Σ_b T_ab (row_sum only: the transform, diagonal excluded or zeroed).
+# ONLINE (row_lse, unit weights, one chunk per row): G = the row softmax, whose normaliser r_a = m + log l is built in
+# the same sweep — as in attention's forward pass — by keeping own_a, dscale_a and l_a relative to the running max m
+# (multiplied by e^(m_old − m_new) whenever m grows) and dividing by l at the end. One sweep gives r, dx and dscale.
+# Both gradients get the factor scale once, at the end. G is multiplied by 1/norm (norm = max |weight|) before it
+# is rounded to the operand dtype for the tensor-core dot, and by norm after: fp16 would otherwise flush the tiny
+# weights of a mean over a large batch (≈ 1/B² per entry) to zero.
+@triton.jit
+def sweep_kernel(
+    own_ptr, other_ptr, stat_ptr, dscale_ptr,
+    a_ptr, b_ptr, scale_ptr, norm_ptr, stat0_ptr, stat1_ptr, w0_ptr, w1_ptr,
+    NA, NB, D, diag_offset, clip, n_split,
+    stride_ag, stride_an, stride_ad, stride_bg, stride_bn, stride_bd,
+    stride_op, stride_og, stride_on, stride_od,
+    stride_tg, stride_tn, stride_td,
+    stride_sp, stride_sg,
+    stride_0g, stride_1g, stride_w0g, stride_w1g,
+    GRAD_TILE: tl.constexpr, STAT_TILE: tl.constexpr, TRANSPOSED: tl.constexpr, OWN_BCAST: tl.constexpr,
+    OWN_MODE: tl.constexpr, OTHER_ATOMIC: tl.constexpr, STATS: tl.constexpr, ONLINE: tl.constexpr,
+    DSCALE: tl.constexpr,
+    DIAG: tl.constexpr, TRANSFORM: tl.constexpr, COLUMNS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_gs = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    g = (pid_gs // n_split).to(tl.int64)
+    chunk = pid_gs % n_split
+
+    # This program's share of the sweep: other-blocks [lo, hi) of group g.
+    n_blocks = tl.cdiv(NB, BLOCK_N)
+    per_chunk = tl.cdiv(n_blocks, n_split)
+    lo = chunk * per_chunk
+    hi = tl.minimum(lo + per_chunk, n_blocks)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    m_ok = offs_m < NA
+    d_ok = offs_d < D
+    a_grp = a_ptr + g * stride_ag  # stride 0 for a broadcast operand
+    b_grp = b_ptr + g * stride_bg
+    scale = tl.load(scale_ptr).to(tl.float32)
+    norm = tl.load(norm_ptr)
+    inv_norm = 1.0 / norm
+
+    own_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    stat_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_run = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # ONLINE: running max and Σ e^(T − m_run)
+    l_run = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ds_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if OTHER_ATOMIC:
+        a_slice = tl.load(a_grp + offs_m[:, None] * stride_an + offs_d[None, :] * stride_ad,
+                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    for blk in range(lo, hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < NB
+        raw = score_tile(a_grp, b_grp, offs_m, offs_n, NA, NB, D, stride_an, stride_ad, stride_bn, stride_bd,
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        S = scale * raw
+        if TRANSPOSED:
+            i2 = offs_n[None, :]
+            j2 = offs_m[:, None]
+            i_ok = n_ok[None, :]
+            j_ok = m_ok[:, None]
+        else:
+            i2 = offs_m[:, None]
+            j2 = offs_n[None, :]
+            i_ok = m_ok[:, None]
+            j_ok = n_ok[None, :]
+        valid = i_ok & j_ok
+        on_diag = diagonal_mask(i2, j2, diag_offset, DIAG)
+        if DIAG == ZERO:
+            S = tl.where(on_diag, 0.0, S)
+        counted = valid  # the entries the statistic counts (a zeroed diagonal is counted, with S = 0)
+        if DIAG == EXCLUDE:
+            counted = valid & ~on_diag
+        if STATS:
+            stat_acc += tl.sum(tl.where(counted, STAT_TILE(S, TRANSFORM), 0.0), axis=1)
+        if ONLINE:
+            # Everything accumulated so far is relative to e^(m_run): rescale it when the running max grows.
+            T = tl.where(counted, S, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(T, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_run - m_safe)
+            prob = tl.exp(T - m_safe[:, None])
+            l_run = l_run * alpha + tl.sum(prob, axis=1)
+            m_run = m_new
+            own_acc = own_acc * alpha[:, None]
+            ds_acc = ds_acc * alpha
+        if (OWN_MODE != OWN_NONE) | OTHER_ATOMIC | DSCALE:
+            if ONLINE:
+                grad = prob  # e^(S − m_run); divided by l_run after the sweep: the row softmax
+            else:
+                grad = GRAD_TILE(S, i2, j2, g, i_ok, j_ok, stat0_ptr, stat1_ptr, w0_ptr, w1_ptr,
+                                 stride_0g, stride_1g, stride_w0g, stride_w1g, clip, TRANSFORM, COLUMNS)
+            grad = tl.where(valid & ~on_diag, grad, 0.0)
+            if DSCALE:
+                ds_acc += tl.sum(grad * raw, axis=1)
+            grad_lp = (grad * inv_norm).to(b_ptr.dtype.element_ty)
+            if OWN_MODE != OWN_NONE:
+                b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                                  mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                own_acc = mma(grad_lp, b_slice, own_acc, PRECISION)
+            if OTHER_ATOMIC:
+                part = mma(tl.trans(grad_lp), a_slice, None, PRECISION) * (scale * norm)
+                tl.atomic_add(other_ptr + g * stride_tg + offs_n[:, None] * stride_tn + offs_d[None, :] * stride_td,
+                              part, mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+    # Only the programs of the first feature block report the D-independent results (others recomputed them).
+    if ONLINE:
+        inv_l = tl.where(l_run > 0, 1.0 / l_run, 0.0)
+        own_acc = own_acc * inv_l[:, None]
+        ds_acc = ds_acc * inv_l
+        stat_acc = m_run + tl.log(l_run)
+    if pid_d == 0:
+        if STATS | ONLINE:
+            tl.store(stat_ptr + chunk.to(tl.int64) * stride_sp + g * stride_sg + offs_m, stat_acc, mask=m_ok)
+        if DSCALE:
+            tl.store(dscale_ptr + pid_gs.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(ds_acc, axis=0))
+    if OWN_MODE != OWN_NONE:
+        own_acc = own_acc * (scale * norm)
+        if OWN_BCAST:
+            part_idx = g * n_split + chunk  # one slice per (group, chunk); the group index of the output is 0
+            grp_idx = g * 0
+        else:
+            part_idx = chunk.to(tl.int64)
+            grp_idx = g
+        out = own_ptr + part_idx * stride_op + grp_idx * stride_og + offs_m[:, None] * stride_on \
+            + offs_d[None, :] * stride_od
+        mask = m_ok[:, None] & d_ok[None, :]
+        if OWN_MODE == OWN_ATOMIC:
+            tl.atomic_add(out, own_acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(out, own_acc.to(own_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------ dispatch
+
+VARIANTS = ("two_pass", "atomic", "split")
+
+# Default thresholds of choose_plan. NOT YET MEASURED: they are first-principles placeholders and must be
+# re-measured on an H100 (and H200) with `rmi-fast bench` before they are trusted.
+#: aim for at least this many programs per pass (≈ 4 per SM of a 132-SM H100) before splitting sweeps
+TARGET_PROGRAMS = 4 * 132
+#: (b) keeps dy in an fp32 atomic buffer; use it while that buffer (By·D·4 bytes per group) stays L2-resident
+ATOMIC_MAX_BUFFER_BYTES = 16 << 20
+#: never split a sweep into more chunks than this (each chunk re-reads its own rows' operand)
+MAX_SPLIT = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """variant ∈ VARIANTS; split = chunks per sweep (1 except for "split")."""
+
+    variant: str
+    split: int = 1
+
+
+def choose_plan(Bx: int, By: int, D: int, G: int, deterministic: bool, block_m: int = 64,
+                block_n: int = 64, block_d: int = 128) -> Plan:
+    """The backward variant for a shape (see the module docstring for the trade-offs).
+
+    * too few programs to fill the GPU (small B, few groups) → ``split`` into enough chunks;
+    * else, when atomics are allowed and the fp32 dy buffer is L2-sized → ``atomic`` (one pass: S computed once
+      instead of twice per feature block);
+    * else → ``two_pass``.
+    """
+    d_blocks = triton.cdiv(D, block_d)
+    programs = min(triton.cdiv(Bx, block_m), triton.cdiv(By, block_m)) * G * d_blocks
+    if programs < TARGET_PROGRAMS:
+        chunks = min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(min(Bx, By), block_n), MAX_SPLIT)
+        if chunks > 1:
+            return Plan("split", chunks)
+    if not deterministic and By * D * 4 <= ATOMIC_MAX_BUFFER_BYTES:
+        return Plan("atomic")
+    return Plan("two_pass")
+
+
+def check_plan(plan: Plan, deterministic: bool) -> None:
+    if plan.variant not in VARIANTS:
+        raise ValueError(f"backward variant must be one of {VARIANTS}, got {plan.variant!r}")
+    if plan.split < 1:
+        raise ValueError(f"split must be ≥ 1, got {plan.split}")
+    if plan.variant == "atomic" and deterministic:
+        raise ValueError("the 'atomic' backward variant uses atomics and cannot be deterministic")
+
+
+# ------------------------------------------------------------------------------------------------------ launcher
+
+@dataclass
+class _Problem:
+    """Everything one family's sweeps share: inputs, options, fp32 statistics and weights."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    scale: torch.Tensor
+    spec: object
+    grad_tile: object
+    stat_tile: object
+    stats: list
+    weights: list
+    norm: torch.Tensor
+
+
+def _weight_norm(weights, device) -> torch.Tensor:
+    """max |weight| over every statistic's weights (1 when they are all 0) as an fp32 device scalar: no sync."""
+    if not weights:
+        return torch.ones((), dtype=torch.float32, device=device)
+    m = torch.stack([w.abs().amax() for w in weights]).amax()
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
+def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: torch.Tensor | None,
+           stat_out: torch.Tensor | None, dscale_parts: bool, online: bool = False):
+    """Launch one sweep. Returns (own result or None, dscale partials or None).
+
+    own_mode: OWN_NONE / OWN_STORE / OWN_PARTIAL / OWN_ATOMIC (see the kernel); other: the fp32 atomic buffer of the
+    other operand's gradient (Gb, Nb, D) or None; stat_out: (split, G, NA) fp32 for the row statistic or None;
+    online: the row log-sum-exp and its unit-weight gradients in one sweep (split must be 1).
+    """
+    a, b = (p.y, p.x) if transposed else (p.x, p.y)
+    G, sag, sbg = group_layout(a, b)
+    NA, NB, D = a.shape[1], b.shape[1], a.shape[2]
+    own_bcast = a.shape[0] == 1 and G > 1
+    cfg = tile_config(D, a.device)
+    BM, BD = cfg["BLOCK_M"], cfg["BLOCK_D"]
+    d_blocks = triton.cdiv(D, BD) if (own_mode or other is not None) else 1
+    grid = (triton.cdiv(NA, BM), G * split, d_blocks)
+
+    own = None
+    if own_mode == OWN_STORE:
+        own = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        so = (0, *own.stride())
+    elif own_mode == OWN_PARTIAL:
+        parts = (G if own_bcast else 1) * split
+        own = torch.empty((parts, a.shape[0], NA, D), dtype=torch.float32, device=a.device)
+        so = own.stride()
+    elif own_mode == OWN_ATOMIC:
+        own = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+        so = (0, 0 if own_bcast else own.stride(0), own.stride(1), own.stride(2))
+    else:
+        so = (0, 0, 0, 0)
+    if other is not None:
+        st = (other.stride(0) if other.shape[0] > 1 else 0, other.stride(1), other.stride(2))
+    else:
+        st = (0, 0, 0)
+    ds = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device) if dscale_parts else None
+    dummy = p.norm  # stands in for absent pointers; never dereferenced (the matching constexpr is off)
+    stat0, stat1, w0, w1 = (p.stats + [dummy, dummy])[:2] + (p.weights + [dummy, dummy])[:2]
+    spec = p.spec
+    sweep_kernel[grid](
+        own if own is not None else dummy, other if other is not None else dummy,
+        stat_out if stat_out is not None else dummy, ds if ds is not None else dummy,
+        a, b, p.scale, p.norm, stat0, stat1, w0, w1,
+        NA, NB, D, spec.diag_offset, float(spec.clip), split,
+        sag, a.stride(1), a.stride(2), sbg, b.stride(1), b.stride(2),
+        *so, *st,
+        *(stat_out.stride()[:2] if stat_out is not None else (0, 0)),
+        *(t.stride(0) if t.dim() == 2 else 1 for t in (stat0, stat1, w0, w1)),
+        GRAD_TILE=p.grad_tile, STAT_TILE=p.stat_tile, TRANSPOSED=transposed, OWN_BCAST=own_bcast,
+        OWN_MODE=own_mode, OTHER_ATOMIC=other is not None, STATS=stat_out is not None and not online,
+        ONLINE=online, DSCALE=dscale_parts,
+        DIAG=DIAGONAL_CODE[spec.diagonal], TRANSFORM=TRANSFORM_CODE[spec.transform], COLUMNS=spec.columns,
+        BLOCK_M=BM, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BD,
+        PRECISION=dot_precision(a.dtype, a.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return own, ds
+
+
+def _finish(own: torch.Tensor, mode: int, like: torch.Tensor) -> torch.Tensor:
+    """The gradient in the input dtype: partials summed over their leading axis in a fixed order."""
+    if mode == OWN_PARTIAL:
+        own = own.sum(0)
+    return own.to(like.dtype)
+
+
+def _own_mode(operand: torch.Tensor, G: int, split: int, deterministic: bool) -> int:
+    """Store directly when one program owns the rows; otherwise partial buffers (deterministic) or atomics."""
+    shared = split > 1 or (operand.shape[0] == 1 and G > 1)
+    if not shared:
+        return OWN_STORE
+    return OWN_PARTIAL if deterministic else OWN_ATOMIC
+
+
+def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> Plan:
+    """The given plan, validated, or :func:`choose_plan`'s for these shapes."""
+    if plan is None:
+        G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
+        cfg = tile_config(D, x.device)
+        plan = choose_plan(Bx, By, D, G, spec.deterministic, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"])
+    check_plan(plan, spec.deterministic)
+    return plan
+
+
+def run(x, y, scale, spec, grad_tile, stats, weights, want, plan: Plan | None = None, stat_tile=None,
+        online: bool = False):
+    """(dx, dy, dscale) — and the row statistic computed in the same sweep, with ``stat_tile`` (row_sum) or
+    ``online`` (row_lse with unit weights and the two_pass plan: r, dx and dscale from one sweep, then dy from the
+    column sweep with that r).
+
+    x: (Gx, Bx, D), y: (Gy, By, D); scale: 0-d; stats / weights: fp32 lists as in rmi_fast.ops.spec.
+    Returns (stat or None, dx or None, dy or None, dscale or None); gradients in the input dtypes.
+    """
+    G, Bx = max(x.shape[0], y.shape[0]), x.shape[1]
+    plan = resolve_plan(x, y, spec, plan)
+    if online and plan.variant != "two_pass":
+        raise ValueError(f"the online row sweep belongs to the two_pass plan, got {plan}")
+    want_dx, want_dy, want_dscale = want
+    weights = [stat_buffer(w) for w in weights]
+    p = _Problem(x, y, scale, spec, grad_tile, stat_tile, [stat_buffer(s) for s in stats], weights,
+                 _weight_norm(weights, x.device))
+    split = plan.split if plan.variant == "split" else 1
+    atomic_dy = plan.variant == "atomic" and want_dy
+    with_stat = stat_tile is not None or online
+    row_pass = want_dx or atomic_dy or with_stat or (want_dscale and not want_dy)
+    stat = dx = dy = dscale_parts = None
+
+    if row_pass:
+        mode = _own_mode(x, G, split, spec.deterministic) if want_dx else OWN_NONE
+        dy_buf = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if atomic_dy else None
+        stat_out = torch.empty((split, G, Bx), dtype=torch.float32, device=x.device) if with_stat else None
+        own, dscale_parts = _sweep(p, transposed=False, split=split, own_mode=mode, other=dy_buf,
+                                   stat_out=stat_out, dscale_parts=want_dscale, online=online)
+        if want_dx:
+            dx = _finish(own, mode, x)
+        if atomic_dy:
+            dy = dy_buf.to(y.dtype)
+        if stat_out is not None:
+            stat = stat_out.sum(0)
+        if online:
+            p.stats = [stat]  # the column sweep's normaliser
+    if want_dy and dy is None:
+        mode = _own_mode(y, G, split, spec.deterministic)
+        own, parts = _sweep(p, transposed=True, split=split, own_mode=mode, other=None, stat_out=None,
+                            dscale_parts=want_dscale and dscale_parts is None)
+        dy = _finish(own, mode, y)
+        dscale_parts = parts if dscale_parts is None else dscale_parts
+    dscale = dscale_parts.sum().to(scale.dtype) if want_dscale else None
+    return stat, dx, dy, dscale

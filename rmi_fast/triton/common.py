@@ -1,0 +1,159 @@
+"""Tile primitives and launch plumbing shared by the three kernel families.
+
+Conventions of every kernel in this package (see :mod:`rmi_fast.ops.spec` for the math):
+
+* x: (Gx, Bx, D), y: (Gy, By, D) with Gx, Gy ∈ {1, G}. An operand with one group and G > 1 is broadcast by giving
+  the kernel a group stride of 0: it is never copied.
+* A score tile is S = scale · A·Bᵀ over a (BLOCK_M, BLOCK_N) block of rows of A and rows of B, accumulated in fp32
+  over D in BLOCK_K chunks with ``tl.dot`` (tensor cores for bf16/fp16; fp32 follows ``allow_tf32``).
+* Row/column/feature offsets are int64, so B·B and B·D may pass 2³¹.
+* Statistics, weights and every cross-tile sum are fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Diagonal handling (PairSpec.diagonal) and transforms, as compile-time codes.
+INCLUDE = tl.constexpr(0)
+EXCLUDE = tl.constexpr(1)
+ZERO = tl.constexpr(2)
+DIAGONAL_CODE = {"include": 0, "exclude": 1, "zero": 2}
+
+T_NONE = tl.constexpr(0)
+T_CLIP = tl.constexpr(1)
+T_EXP_M1 = tl.constexpr(2)
+T_SOFTPLUS = tl.constexpr(3)
+TRANSFORM_CODE = {"none": 0, "clip": 1, "exp_m1": 2, "softplus": 3}
+
+
+# --------------------------------------------------------------------------------------------------- tile helpers
+
+@triton.jit
+def score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_an, stride_ad, stride_bn, stride_bd,
+               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """raw[a, b] = Σ_k A[offs_a[a], k] · B[offs_b[b], k] in fp32; rows past NA / NB read as 0.
+
+    a_ptr / b_ptr already point at the group; offs_* are int64. B is loaded as a (BLOCK_K, BLOCK_B) tile through its
+    strides, so no transposed copy exists anywhere.
+    """
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    a_ok = offs_a[:, None] < NA
+    b_ok = offs_b[None, :] < NB
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = tl.load(a_ptr + offs_a[:, None] * stride_an + offs_k[None, :] * stride_ad,
+                    mask=a_ok & (offs_k[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + offs_b[None, :] * stride_bn + offs_k[:, None] * stride_bd,
+                    mask=b_ok & (offs_k[:, None] < D), other=0.0)
+        acc = mma(a, b, acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a·b with fp32 accumulation (acc may be None).
+
+    PRECISION is "tf32" / "ieee" for the tensor cores, or "upcast": multiply the same values in fp32 — exact
+    products and fp32 sums, as the tensor cores compute bf16 — for Triton's CPU interpreter, whose dot cannot
+    multiply bf16.
+    """
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def diagonal_mask(i2, j2, diag_offset, DIAG: tl.constexpr):
+    """True on the positive pairs (i, i + diag_offset); all False when the diagonal is included."""
+    if DIAG == INCLUDE:
+        return (i2 < 0) & (j2 < 0)  # i, j ≥ 0 always: an all-False mask of the broadcast shape
+    else:
+        return j2 == i2 + diag_offset
+
+
+@triton.jit
+def tile_lse(T, AXIS: tl.constexpr):
+    """(m, s) with m = max T and s = Σ exp(T − m) along AXIS; an all −∞ line gives (−∞, 0), never NaN."""
+    m = tl.max(T, axis=AXIS)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if AXIS == 1:
+        s = tl.sum(tl.exp(T - m_safe[:, None]), axis=1)
+    else:
+        s = tl.sum(tl.exp(T - m_safe[None, :]), axis=0)
+    return m, s
+
+
+@triton.jit
+def lse_combine(m1, s1, m2, s2):
+    """Merge two (max, sum) partials of a log-sum-exp with a running max: Σ = s1·e^(m1−m) + s2·e^(m2−m)."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, s1 * tl.exp(m1 - m_safe) + s2 * tl.exp(m2 - m_safe)
+
+
+@triton.jit
+def softplus(S):
+    """log(1 + e^S) = max(S, 0) + log1p(e^−|S|), with log1p(t) = log(u)·t/(u − 1), u = 1 + t (exact for tiny t)."""
+    t = tl.exp(-tl.abs(S))
+    u = 1.0 + t
+    log1p = tl.where(u == 1.0, t, tl.log(u) * t / (u - 1.0))
+    return tl.maximum(S, 0.0) + log1p
+
+
+@triton.jit
+def sigmoid(S):
+    """σ(S) without overflow: e^−|S| ≤ 1 on both branches."""
+    t = tl.exp(-tl.abs(S))
+    return tl.where(S >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+# ------------------------------------------------------------------------------------------------ launch plumbing
+
+def group_layout(x: torch.Tensor, y: torch.Tensor):
+    """(G, x's group stride, y's group stride): a single-group operand gets stride 0, i.e. is broadcast."""
+    G = max(x.shape[0], y.shape[0])
+    return G, (x.stride(0) if x.shape[0] > 1 else 0), (y.stride(0) if y.shape[0] > 1 else 0)
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """PRECISION of :func:`mma`: fp32 operands use TF32 tensor cores only where PyTorch's matmuls would
+    (torch.backends.cuda.matmul.allow_tf32); bf16 under the interpreter is multiplied in fp32."""
+    if dtype == torch.bfloat16 and interpreted(device):
+        return "upcast"
+    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def interpreted(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def tile_config(D: int, device: torch.device) -> dict:
+    """Block sizes and launch options of the gradient sweep.
+
+    Under the interpreter: the smallest tiles tl.dot accepts (speed of the CPU emulation). On a GPU: BLOCK_D bounds
+    the fp32 gradient accumulator kept in registers (BLOCK_M × BLOCK_D); a D wider than BLOCK_D adds a grid axis
+    over feature blocks, each recomputing the score tiles. These sizes compile for sm_90 with no or few spilled
+    registers (ptxas, checked without a GPU); their speed is still to be measured and tuned on an H100.
+    """
+    if interpreted(device):
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, num_warps=1, num_stages=1)
+    block_d = min(max(triton.next_power_of_2(D), 16), 256)
+    return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 128 else 64, BLOCK_K=32, BLOCK_D=block_d,
+                num_warps=8, num_stages=3)
+
+
+def fwd_config(device: torch.device) -> dict:
+    """Tiles of the log-sum-exp sweep (no gradient accumulator: larger row blocks). Compiles for sm_90 without
+    spills in bf16/fp16 (a few spilled words in fp32); to be tuned on an H100."""
+    if interpreted(device):
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def stat_buffer(t: torch.Tensor) -> torch.Tensor:
+    """An O(G·B) statistic or weight as a contiguous fp32 tensor the kernels index by (group, row)."""
+    return t.detach().to(torch.float32).contiguous()
