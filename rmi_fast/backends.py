@@ -75,7 +75,9 @@ _REGISTRY = {
     "cuda": "rmi_fast.cuda:CudaBackend",
     "torch": "rmi_fast.backends:TorchBackend",
 }
-_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+#: "auto"'s order of preference per device type. On GPUs the Triton kernels come first: their logic is checked on every
+#: CI run under Triton's interpreter, while the CUDA kernels are compiled there but only checked on a GPU.
+_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _instances: dict[str, Backend] = {}
 
 
@@ -87,20 +89,34 @@ class _Broken(Backend):
         return self._reason
 
 
+@torch.compiler.assume_constant_result
+def _load(names: str) -> str:
+    """Instantiate the comma-separated backends not loaded yet. Its result (the argument) is a constant, so
+    torch.compile runs it eagerly while tracing: a model compiled with fullgraph=True can dispatch on its first call."""
+    for name in names.split(","):
+        if name not in _instances:
+            module, cls = _REGISTRY[name].split(":")
+            try:
+                _instances[name] = getattr(importlib.import_module(module), cls)()
+            except Exception as exc:  # a missing optional dependency or compiled module
+                _instances[name] = _Broken(name, f"cannot be loaded: {type(exc).__name__}: {exc}")
+    return names
+
+
 def get(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
-    if name not in _instances:
-        module, cls = _REGISTRY[name].split(":")
-        try:
-            _instances[name] = getattr(importlib.import_module(module), cls)()
-        except Exception as exc:  # a missing optional dependency or compiled module
-            _instances[name] = _Broken(name, f"cannot be loaded: {type(exc).__name__}: {exc}")
+    _load(name)
     return _instances[name]
 
 
 def names() -> list[str]:
     return list(_REGISTRY)
+
+
+def preference(device: torch.device | str) -> tuple[str, ...]:
+    """The backends "auto" tries for tensors on ``device``, best first."""
+    return _PREFERENCE["cuda" if torch.device(device).type == "cuda" else "cpu"]
 
 
 def available_backends() -> list[str]:
@@ -127,7 +143,9 @@ def select(name: str, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> Backe
         return backend
     reasons = {}
     pairs = x.shape[1] * y.shape[1]
-    for candidate in _PREFERENCE["cuda" if x.device.type == "cuda" else "cpu"]:
+    candidates = preference(x.device)
+    _load(",".join(candidates))
+    for candidate in candidates:
         backend = get(candidate)
         reason = backend.why_not(x, y, spec)
         if reason is None and pairs < backend.min_pairs_auto:

@@ -2,17 +2,20 @@
 
 Every bound is  t[g, i] = positive(S_ii) − negative(statistic of S)  (design §1). The positive part needs only the
 paired scores S_ii = scale·<x_i, y_i> (O(B·D), eager, autograd); the negative part is the fused reduction of
-:mod:`rmi_fast.ops.pairwise`, which never stores a B×B matrix.
+:mod:`rmi_fast.ops.pairwise`, which never stores a B×B matrix. The contrastive losses' extra terms (a class target,
+label smoothing's mean score, SupCon's same-class positives) are O(B·D) too. With ``gather`` the negative part runs
+against the rows of every data-parallel rank (:mod:`rmi_fast.distributed`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import backends, distributed
 from .ops.pairwise import pair_reduce
 from .ops.spec import PairSpec
 
@@ -77,7 +80,7 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"{name} must be finite, got {scale}")
-    return torch.tensor(float(scale), dtype=dtype, device=like.device)
+    return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
 
 
 def _check_positive(name: str, value) -> float:
@@ -110,11 +113,84 @@ def _paired_scores(x3: torch.Tensor, y3: torch.Tensor, scale: torch.Tensor) -> t
     return scale * (x3.to(dt) * y3.to(dt)).sum(-1)
 
 
+def _check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_gather(gather) -> None:
+    group_type = getattr(torch.distributed, "ProcessGroup", ())
+    if not isinstance(gather, bool) and not (group_type and isinstance(gather, group_type)):
+        raise TypeError(f"gather must be a bool or a torch.distributed ProcessGroup, got {type(gather).__name__}")
+
+
+def _check_index_tensor(name: str, t, rows: int, like: torch.Tensor, what: str) -> torch.Tensor:
+    """An integer (rows,) tensor on ``like``'s device → int64."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of {what}, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of {what}, got {t.dtype}")
+    if t.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the embeddings' device {like.device}, got {t.device}")
+    return t.long()
+
+
+def _check_targets(targets, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    targets = _check_index_tensor("targets", targets, za.shape[0], za, "class indices into the rows of zb")
+    # A value check costs a device-to-host sync on an accelerator: it is done where it is free (CPU, eager); on a
+    # GPU an out-of-range index trips the gather kernel's own device-side assertion instead.
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        C = zb.shape[0]
+        if bool((targets < 0).any()) or bool((targets >= C).any()):
+            raise ValueError(f"targets must lie in [0, C) = [0, {C}) (C = rows of zb), got values in "
+                             f"[{int(targets.min())}, {int(targets.max())}]")
+    return targets
+
+
+def _resolve_scale(temperature, logit_scale, like: torch.Tensor, default_temperature: float) -> torch.Tensor:
+    """scale = 1/temperature, or exp(logit_scale) (CLIP's learnable log-scale; its gradient flows). Not both."""
+    if temperature is not None and logit_scale is not None:
+        raise ValueError("give either temperature (scale = 1/temperature) or logit_scale (scale = exp(logit_scale)), "
+                         "not both")
+    if logit_scale is not None:
+        return _scale_tensor("logit_scale", logit_scale, like).exp()
+    tau = _check_positive("temperature", default_temperature if temperature is None else temperature)
+    return _scale_tensor("temperature", 1.0 / tau, like)
+
+
+def _negative_stats(x3: torch.Tensor, y3: torch.Tensor, s: torch.Tensor, spec: PairSpec, backend: str, fused: bool,
+                    gather):
+    """Statistics of the negative part of x3's anchors against y3's rows, or, with ``gather``, against the rows of
+    every rank (see :mod:`rmi_fast.distributed`).
+
+    x3: (Gx, B, D), y3: (Gy, B, D). Returns (stats, keys, rank): ``keys`` is the candidate set the statistics ran
+    over, y3 itself or (Gy, W·B, D) gathered in rank order, where this rank's anchor i pairs with column rank·B + i.
+    """
+    if not gather:
+        return pair_reduce(x3, y3, s, spec, backend, fused=fused), y3, 0
+    _, rank, _ = distributed.process_group(gather)
+    keys = distributed.all_gather_rows(y3, gather)
+    spec = dataclasses.replace(spec, diag_offset=rank * x3.shape[-2])
+    if spec.family != "global_lse":
+        return pair_reduce(x3, keys, s, spec, backend, fused=fused), keys, rank
+    # One log-sum-exp per group over the pairs of every rank: combine the per-rank ones. Its upstream weights
+    # exp(L_r − L) differ between groups, so the unit-weight (fused) gradients do not apply.
+    L = pair_reduce(x3, keys, s, spec, backend, fused=False)[0]
+    return [distributed.all_reduce_logsumexp(L, gather)], keys, rank
+
+
+def _world_size(gather) -> int:
+    return distributed.process_group(gather)[2] if gather else 1
+
+
 # ----------------------------------------------------------------------------------------------------- MI bounds
 
 def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=1.0, reduction: str = "mean",
              backend: str = "auto", clip: float = 5.0, diagonal: str = "exclude", mine_ema=None,
-             deterministic: bool = False) -> torch.Tensor:
+             deterministic: bool = False, gather=False) -> torch.Tensor:
     """A lower bound (or proxy) on I(X; Y) from the critic S[g, i, j] = scale·<x[g, i], y[g, j]>.
 
     Args:
@@ -130,6 +206,10 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
         mine_ema: for "mine": the moving average of mean_{k≠l} exp S_kl the log term's gradient is taken against
             (float or 0-d tensor; None uses the batch's own mean, which makes mine equal to dv). See :class:`MINE`.
         deterministic: bitwise-repeatable results (backends that use atomics switch to fixed-order reductions).
+        gather: True (default process group) or a ProcessGroup: negatives from every rank of an initialised
+            torch.distributed group. Each rank gets its own anchors' terms against the W·B rows of all ranks (the
+            mean over ranks is the bound of the whole batch; B is then W·B in the formulas), and its inputs get
+            W × the whole-batch gradient, which DDP's averaging makes exact. See :mod:`rmi_fast.distributed`.
     """
     _check_embeddings("x", x)
     _check_embeddings("y", y)
@@ -138,8 +218,9 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_choice("diagonal", diagonal, ("exclude", "zero"))
     _check_backend(backend)
+    _check_gather(gather)
     clip = _check_positive("clip", clip)
-    B = x.shape[-2]
+    B = x.shape[-2] * _world_size(gather)
     if bound != "infonce" and B < 2:
         raise ValueError(f"bound={bound!r} needs negatives: x and y must hold at least 2 rows, got B={B}")
     s = _scale_tensor("scale", scale, x)
@@ -148,7 +229,7 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
     spec = PairSpec(family, transform, clip=clip, diagonal="include" if bound == "infonce" else diagonal,
                     deterministic=deterministic)
     fused = reduction != "none" and bound != "mine"
-    stat = pair_reduce(x3, y3, s, spec, backend, fused=fused)[0]
+    stat = _negative_stats(x3, y3, s, spec, backend, fused, gather)[0][0]
     pos = _paired_scores(x3, y3, s)
     if bound == "infonce":
         terms = pos - stat + math.log(B)
@@ -180,6 +261,7 @@ class MINE:
     """MINE's moving average: ``value = mine(x, y)`` returns dv's value with the bias-corrected gradient.
 
     momentum: weight of the old average (Belghazi et al. use 0.99). The average starts at the first batch's mean.
+    With ``gather`` among the options the average is over the pairs of every rank.
     """
 
     def __init__(self, momentum: float = 0.99, **bound_kwargs):
@@ -191,12 +273,13 @@ class MINE:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         opts = {**self.bound_kwargs, **kwargs}
+        gather = opts.get("gather", False)
         with torch.no_grad():  # this batch's mean of exp S over the negatives, exp(L − log n), averaged over groups
             x3, y3 = _as_groups(x.detach(), y.detach())
             s = _scale_tensor("scale", opts.get("scale", 1.0), x)
             spec = PairSpec("global_lse", diagonal=opts.get("diagonal", "exclude"))
-            L = pair_reduce(x3, y3, s, spec, opts.get("backend", "auto"))[0]
-            B = x.shape[-2]
+            L = _negative_stats(x3, y3, s, spec, opts.get("backend", "auto"), False, gather)[0][0]
+            B = x.shape[-2] * _world_size(gather)
             mean_exp = torch.exp(L - math.log(B * (B - 1))).mean()
             self.ema = mean_exp if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * mean_exp
         return mi_bound(x, y, "mine", mine_ema=self.ema, **opts)
@@ -204,63 +287,188 @@ class MINE:
 
 # ----------------------------------------------------------------------------------------------- contrastive losses
 
-def infonce_loss(za: torch.Tensor, zb: torch.Tensor, *, temperature: float = 0.1, symmetric: bool = False,
-                 reduction: str = "mean", backend: str = "auto", deterministic: bool = False) -> torch.Tensor:
-    """Cross-entropy of S = za·zbᵀ/τ against the diagonal: mean_i CE(S_i·, i) = log B − InfoNCE.
+def _smoothed_cross_entropy(lse: torch.Tensor, pos: torch.Tensor, anchors: torch.Tensor, candidates: torch.Tensor,
+                            s: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Per-anchor cross-entropy from its row log-sum-exp, with label smoothing ε, in O(B·D):
 
-    za, zb: (B, D). symmetric=True averages the row and the column cross-entropies (the CLIP loss).
-    reduction "none" → (B,): per anchor, (row_i + column_i)/2 when symmetric.
+    (1−ε)·CE_i + ε·mean_j(−log p_ij) = lse_i − (1−ε)·S_i,target − ε·mean_j S_ij,  mean_j S_ij = s·<a_i, mean_j c_j>.
+    lse, pos: (B,); anchors: (B, D); candidates: (C, D).
+    """
+    if smoothing == 0.0:
+        return lse - pos
+    dt = s.dtype
+    mean_scores = s * (anchors.to(dt) @ candidates.to(dt).mean(0))
+    return lse - (1.0 - smoothing) * pos - smoothing * mean_scores
+
+
+def infonce_loss(za: torch.Tensor, zb: torch.Tensor, *, temperature: float | None = None, logit_scale=None,
+                 targets: torch.Tensor | None = None, normalize: bool = False, detach_keys: bool = False,
+                 label_smoothing: float = 0.0, symmetric: bool = False, reduction: str = "mean",
+                 backend: str = "auto", deterministic: bool = False, gather=False) -> torch.Tensor:
+    """Cross-entropy of the scores S = scale·za·zbᵀ: mean_i CE(S_i·, i) = log B − InfoNCE.
+
+    Args:
+        za: (B, D) anchors. zb: (B, D) keys, the positive of anchor i being row i; or, with ``targets``, (C, D)
+            candidates (e.g. one text embedding per class) with the positive of anchor i at row targets[i].
+        temperature: τ, scale = 1/τ; default 0.1. logit_scale: instead of temperature (giving both is an error):
+            scale = exp(logit_scale), a float or 0-d tensor that gets its gradient (CLIP's learnable log-scale).
+        targets: (B,) integer class indices into the rows of zb (TeCoA-style classification against class
+            embeddings); the log-sum-exp runs over the C candidates. Not with symmetric or gather.
+        normalize: cosine similarity (za, zb L2-normalised first).
+        detach_keys: no gradient to zb (a stop-gradient on the key side, as in RoCL).
+        label_smoothing: ε ∈ [0, 1): (1−ε)·CE + ε·mean over candidates of −log p (as torch's cross_entropy).
+        symmetric: average the row and the column cross-entropies (the CLIP loss).
+        reduction: "mean" | "sum" → 0-d; "none" → (B,), per anchor ((row_i + column_i)/2 when symmetric).
+        gather: True or a ProcessGroup: keys (and, when symmetric, anchors) of every rank are the negatives (see
+            :func:`mi_bound` and :mod:`rmi_fast.distributed`); each rank gets its own anchors' losses.
     """
     _check_embeddings("za", za, ndims=(2,))
     _check_embeddings("zb", zb, ndims=(2,))
-    _check_pair("za", za, "zb", zb)
+    _check_pair("za", za, "zb", zb, same_rows=targets is None)
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_backend(backend)
-    tau = _check_positive("temperature", temperature)
-    s = _scale_tensor("temperature", 1.0 / tau, za)
-    xa, xb = _as_groups(za, zb)
-    spec = PairSpec("row_lse", columns=bool(symmetric), deterministic=deterministic)
-    stats = pair_reduce(xa, xb, s, spec, backend, fused=reduction != "none")
-    pos = _paired_scores(xa, xb, s)
-    loss = stats[0] - pos
-    if symmetric:
-        loss = 0.5 * (loss + stats[1] - pos)
-    return _reduce(loss, reduction, squeeze=True)
+    _check_gather(gather)
+    smoothing = _check_fraction("label_smoothing", label_smoothing)
+    if targets is not None:
+        if symmetric:
+            raise ValueError("symmetric=True is not defined with targets: the columns of S are classes, not anchors")
+        if gather:
+            raise ValueError("gather=True does not apply with targets: the candidates zb are the same on every rank, "
+                             "so each rank's loss is already exact")
+        targets = _check_targets(targets, za, zb)
+    s = _resolve_scale(temperature, logit_scale, za, default_temperature=0.1)
+    if normalize:
+        za, zb = F.normalize(za, dim=-1), F.normalize(zb, dim=-1)
+    if detach_keys:
+        zb = zb.detach()
+    fused = reduction != "none"
+    spec = PairSpec("row_lse", columns=symmetric and not gather, deterministic=deterministic)
+    stats, keys, _ = _negative_stats(za.unsqueeze(0), zb.unsqueeze(0), s, spec, backend, fused, gather)
+    pos = _paired_scores(za, zb if targets is None else zb.index_select(0, targets), s)
+    loss = _smoothed_cross_entropy(stats[0][0], pos, za, keys[0], s, smoothing)
+    if symmetric:  # column j: the keys as anchors against every anchor
+        if gather:
+            col_stats, anchors, _ = _negative_stats(zb.unsqueeze(0), za.unsqueeze(0), s, spec, backend, fused, gather)
+            col_lse, anchors = col_stats[0][0], anchors[0]
+        else:
+            col_lse, anchors = stats[1][0], za
+        loss = 0.5 * (loss + _smoothed_cross_entropy(col_lse, pos, zb, anchors, s, smoothing))
+    return _reduce(loss, reduction, squeeze=False)
 
 
-def nt_xent_loss(z: torch.Tensor, *, n_views: int = 2, temperature: float = 0.5, normalize: bool = True,
-                 layout: str = "blocked", reduction: str = "mean", backend: str = "auto",
-                 deterministic: bool = False) -> torch.Tensor:
-    """NT-Xent (SimCLR) over V views of N samples.
+def _view_sums(keys: torch.Tensor, n_views: int, layout: str) -> torch.Tensor:
+    """Row a → Σ over the views v of a's sample of keys[v] (a's own row included): (V·N, D) → (V·N, D), O(V·N·D)."""
+    n = keys.shape[0] // n_views
+    per_sample = keys.view(n_views, n, -1) if layout == "blocked" else keys.view(n, n_views, -1).transpose(0, 1)
+    total = per_sample.sum(0)  # (N, D)
+    return total.repeat(n_views, 1) if layout == "blocked" else total.repeat_interleave(n_views, 0)
 
-    z: (V·N, D) in the "blocked" layout [all view-1 rows; all view-2 rows; …] or the "interleaved" one
-    [s1v1, s1v2, …, s2v1, …]. Each anchor's positives are the other views of its sample; its denominator runs over
-    every other row. loss_a = logsumexp_{k≠a} S_ak − mean_p S_ap with S = ẑ·ẑᵀ/τ (ẑ = z/‖z‖ when ``normalize``).
-    reduction "none" → (V·N,) in the input's row order.
+
+def _class_sums(keys: torch.Tensor, labels: torch.Tensor, deterministic: bool = False):
+    """Row a → (Σ_{b: labels_b = labels_a} keys_b, #{b: labels_b = labels_a}), without a label-by-label matrix.
+
+    keys: (R, D), labels: (R,) int64 → (R, D), (R,). Sorting the labels makes each class a run of consecutive rows
+    (static shapes, no host sync). The rows are scatter-added into their run's slot, or, when ``deterministic``
+    (no atomics on any device), each run's sum is a difference of fp64 prefix sums over the sorted rows.
     """
-    _check_embeddings("z", z, ndims=(2,))
-    _check_choice("layout", layout, _LAYOUTS)
+    R = labels.shape[0]
+    order = torch.argsort(labels)
+    ordered = labels.index_select(0, order)
+    starts = torch.cat([torch.ones_like(ordered[:1], dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    if not deterministic:
+        slot_of_sorted = torch.cumsum(starts, 0) - 1
+        slot = torch.empty_like(slot_of_sorted).scatter_(0, order, slot_of_sorted)
+        sums = torch.zeros_like(keys).index_add(0, slot, keys)
+        counts = keys.new_zeros(R).index_add(0, slot, torch.ones_like(keys[:, 0]))
+        return sums.index_select(0, slot), counts.index_select(0, slot)
+    pos = torch.arange(R, device=labels.device)
+    ends = torch.cat([starts[1:], torch.ones_like(starts[:1])])
+    first = torch.cummax(torch.where(starts, pos, 0), 0).values  # run start of each sorted row
+    last = (R - 1) - torch.cummax(torch.where(ends.flip(0), pos, 0), 0).values.flip(0)  # run end
+    prefix = torch.cat([keys.new_zeros(1, keys.shape[1], dtype=torch.float64),
+                        keys.index_select(0, order).double().cumsum(0)])
+    sorted_sums = (prefix.index_select(0, last + 1) - prefix.index_select(0, first)).to(keys.dtype)
+    sorted_counts = (last - first + 1).to(keys.dtype)
+    return (torch.empty_like(keys).index_copy(0, order, sorted_sums),
+            keys.new_empty(R).index_copy(0, order, sorted_counts))
+
+
+def nt_xent_loss(z: torch.Tensor, *, n_views: int | None = None, temperature: float = 0.5, normalize: bool = True,
+                 layout: str | None = None, labels: torch.Tensor | None = None, detach_keys: bool = False,
+                 reduction: str = "mean", backend: str = "auto", deterministic: bool = False,
+                 gather=False) -> torch.Tensor:
+    """NT-Xent (SimCLR) over V views of N samples, or, with ``labels``, the supervised contrastive loss (SupCon).
+
+    Args:
+        z: (V·N, D) in the "blocked" layout [all view-1 rows; all view-2 rows; …] (default) or the "interleaved" one
+            [s1v1, s1v2, …, s2v1, …]; or (N, V, D), the views of each sample side by side (layout implied).
+        n_views: V for a 2-D z (default 2); for a 3-D z it is z.shape[1] (a different value is an error).
+        labels: (N,) integer class per sample: every other row of the same class is a positive (SupCon, Khosla et
+            al. 2020); V = 1 is then allowed, and an anchor without any positive gets loss 0.
+        detach_keys: the key side of S (and of the positives) carries no gradient: S = ẑ·stop_grad(ẑ)ᵀ (RoCL).
+
+    loss_a = logsumexp_{k≠a} S_ak − mean_{p ∈ P(a)} S_ap with S = ẑ·ẑᵀ/τ (ẑ = z/‖z‖ when ``normalize``) and P(a)
+    the other views of a's sample (or the other rows of a's class). Σ_p S_ap comes from per-sample (per-class) sums
+    of the rows in O(V·N·D): no matrix beyond the fused negative part's. reduction "none" → (V·N,) in the input's row
+    order, or (N, V) for a 3-D z. gather: negatives (and, with labels, positives) from every rank, see
+    :func:`mi_bound`; the views of one sample must sit on one rank.
+    """
+    _check_embeddings("z", z, ndims=(2, 3))
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_backend(backend)
-    if isinstance(n_views, bool) or not isinstance(n_views, numbers.Integral) or n_views < 2:
-        raise ValueError(f"n_views must be an integer ≥ 2, got {n_views!r}")
+    _check_gather(gather)
+    min_views = 1 if labels is not None else 2
+    out_shape = None
+    if z.dim() == 3:
+        if layout is not None:
+            raise ValueError("layout applies to a 2-D z only: a 3-D z is (N, V, D), the views of a sample side by side")
+        if n_views is not None and n_views != z.shape[1]:
+            raise ValueError(f"n_views={n_views!r} contradicts z of shape (N, V, D) = {tuple(z.shape)}")
+        n_views, layout, out_shape = z.shape[1], "interleaved", z.shape[:2]
+        z = z.reshape(-1, z.shape[-1])
+    else:
+        layout = "blocked" if layout is None else layout
+        _check_choice("layout", layout, _LAYOUTS)
+        n_views = 2 if n_views is None else n_views
+    if isinstance(n_views, bool) or not isinstance(n_views, numbers.Integral) or n_views < min_views:
+        raise ValueError(f"n_views must be an integer ≥ {min_views}, got {n_views!r}")
     if z.shape[0] % n_views:
         raise ValueError(f"z has {z.shape[0]} rows, which is not divisible by n_views={n_views}")
-    tau = _check_positive("temperature", temperature)
     n = z.shape[0] // n_views
+    if labels is not None:
+        labels = _check_index_tensor("labels", labels, n, z, "class labels, one per sample")
+    if z.shape[0] * _world_size(gather) < 2:
+        raise ValueError(f"z must hold at least 2 rows (an anchor needs negatives), got {z.shape[0]}")
+    tau = _check_positive("temperature", temperature)
     if normalize:
         z = F.normalize(z, dim=-1)
+    keys = z.detach() if detach_keys else z
     s = _scale_tensor("temperature", 1.0 / tau, z)
-    z3 = z.unsqueeze(0)
+    # Every anchor has a positive (fused unit weights valid) unless labels leave some without one.
+    fused = reduction != "none" and (labels is None or n_views >= 2)
     spec = PairSpec("row_lse", diagonal="exclude", deterministic=deterministic)
-    lse = pair_reduce(z3, z3, s, spec, backend, fused=reduction != "none")[0][0]
-    # Σ_{p ∈ views of a's sample} <z_a, z_p> = <z_a, Σ_views z> − <z_a, z_a>: O(V·N·D), no V×V block needed.
-    zc = z.to(s.dtype)
-    per_sample = zc.view(n_views, n, -1) if layout == "blocked" else zc.view(n, n_views, -1).transpose(0, 1)
-    view_sum = per_sample.sum(0)  # (N, D)
-    owner = view_sum.repeat(n_views, 1) if layout == "blocked" else view_sum.repeat_interleave(n_views, 0)
-    positives = s * ((zc * owner).sum(-1) - (zc * zc).sum(-1)) / (n_views - 1)
-    return _reduce(lse - positives, reduction, squeeze=False)
+    stats, all_keys, rank = _negative_stats(z.unsqueeze(0), keys.unsqueeze(0), s, spec, backend, fused, gather)
+    lse = stats[0][0]
+    dt = s.dtype
+    if labels is None:  # the other views of a's sample: all on this rank
+        same, count = _view_sums(keys.to(dt), n_views, layout), n_views - 1
+    else:
+        row_labels = labels.repeat(n_views) if layout == "blocked" else labels.repeat_interleave(n_views)
+        if gather:
+            row_labels = distributed.all_gather_rows(row_labels, gather)
+        same, count = _class_sums(all_keys[0].to(dt), row_labels, deterministic)
+        rows = z.shape[0]
+        same, count = same.narrow(0, rank * rows, rows), count.narrow(0, rank * rows, rows) - 1
+    # Σ_{p ∈ P(a)} <z_a, k_p> = <z_a, Σ_{same sample / class} k> − <z_a, k_a>
+    zc = z.to(dt)
+    positives = s * ((zc * same).sum(-1) - (zc * keys.to(dt)).sum(-1))
+    if labels is None:
+        loss = lse - positives / count
+    else:
+        loss = torch.where(count > 0, lse - positives / count.clamp(min=1), torch.zeros_like(lse))
+    if out_shape is not None:
+        loss = loss.view(out_shape)
+    return _reduce(loss, reduction, squeeze=False)
 
 
 def available_backends() -> list[str]:

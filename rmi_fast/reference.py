@@ -105,14 +105,15 @@ def mine(x, y, scale=1.0, ema=None, diagonal="exclude"):
 BOUNDS = {"infonce": infonce, "nwj": nwj, "dv": dv, "smile": smile, "jsd": jsd, "mine": mine}
 
 
-def infonce_loss(za, zb, temperature=0.1, symmetric=False):
-    """Per-anchor cross-entropy of S = za·zbᵀ/τ against the diagonal → (B,); symmetric averages rows and columns."""
+def infonce_loss(za, zb, temperature=0.1, symmetric=False, targets=None, label_smoothing=0.0):
+    """Per-anchor cross-entropy of S = za·zbᵀ/τ against the diagonal (or ``targets``, indices into zb's rows) → (B,);
+    symmetric averages rows and columns; ``label_smoothing`` as in torch's cross_entropy."""
     S = za @ zb.T / temperature
-    target = torch.arange(S.shape[0], device=S.device)
-    rows = F.cross_entropy(S, target, reduction="none")
+    target = torch.arange(S.shape[0], device=S.device) if targets is None else targets
+    rows = F.cross_entropy(S, target, reduction="none", label_smoothing=label_smoothing)
     if not symmetric:
         return rows
-    return 0.5 * (rows + F.cross_entropy(S.T, target, reduction="none"))
+    return 0.5 * (rows + F.cross_entropy(S.T, target, reduction="none", label_smoothing=label_smoothing))
 
 
 def views_index(n_samples: int, n_views: int, layout: str, device=None) -> torch.Tensor:
@@ -121,17 +122,20 @@ def views_index(n_samples: int, n_views: int, layout: str, device=None) -> torch
     return a % n_samples if layout == "blocked" else a // n_views
 
 
-def nt_xent_loss(z, n_views=2, temperature=0.5, normalize=True, layout="blocked"):
-    """NT-Xent (SimCLR) per anchor → (V·N,): −mean over the other views p of log softmax_{k≠a}(S_a·)[p]."""
+def nt_xent_loss(z, n_views=2, temperature=0.5, normalize=True, layout="blocked", labels=None):
+    """NT-Xent (SimCLR) per anchor → (V·N,): −mean over the positives p of log softmax_{k≠a}(S_a·)[p]. The positives
+    are the other views of a's sample, or with ``labels`` (N,) every other row of a's class (SupCon; an anchor
+    without a positive gets 0)."""
     if normalize:
         z = F.normalize(z, dim=-1)
     S = z @ z.T / temperature
     n = S.shape[0] // n_views
     sample = views_index(n, n_views, layout, z.device)
+    group = sample if labels is None else labels[sample]
     self_mask = torch.eye(S.shape[0], dtype=torch.bool, device=S.device)
     log_p = torch.log_softmax(S.masked_fill(self_mask, -math.inf), dim=-1)
-    positive = (sample[:, None] == sample[None, :]) & ~self_mask
-    return -(log_p.masked_fill(~positive, 0.0).sum(-1)) / (n_views - 1)
+    positive = (group[:, None] == group[None, :]) & ~self_mask
+    return -(log_p.masked_fill(~positive, 0.0).sum(-1)) / positive.sum(-1).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
