@@ -1,0 +1,10 @@
+"""pytest-benchmark: the `infonce` bound (rf.mi_bound(x, y, "infonce")), forward / backward / forward+backward, every rmi_fast
+backend against eager PyTorch, torch.compile and the peers; shapes from rmi_fast.bench.cases."""
+import pytest
+
+import cases
+
+
+@pytest.mark.parametrize("param", cases.params("infonce"))
+def test_infonce(benchmark, rounds, param):
+    cases.run(benchmark, param, rounds)

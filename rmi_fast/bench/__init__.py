@@ -1,0 +1,55 @@
+"""Kernel benchmarks: the case registry (:mod:`.cases`), the implementations timed (:mod:`.impls`), timing and
+memory (:mod:`.measure`), the runner (:mod:`.runner`), tables (:mod:`.report`) and figures (:mod:`.plot`).
+
+:func:`bench` is what ``rmi-fast bench`` calls; ``benchmarks/`` holds the pytest-benchmark view of the same cases.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import cases as cases_mod
+
+
+def list_cases(device: str, *, quick: bool = False, scaling: bool = False, patterns=None) -> list[str]:
+    suite = cases_mod.suite_name(device, quick=quick, scaling=scaling)
+    return [c.name for c in cases_mod.select(cases_mod.SUITES[suite], patterns)]
+
+
+def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, case_patterns=None,
+          impl_patterns=None, passes=None, repeats: int | None = None, warmup: int | None = None,
+          max_time_s: float | None = None, memory: bool = True, seed: int = 0, json_path: str | None = None,
+          plot_path: str | None = None, markdown_path: str | None = None, command=None, echo=print) -> dict:
+    """Run a suite and print its table; write the JSON (after every case), the PNG and the markdown table.
+
+    device "cpu" or "cuda[:i]"; quick: the short CPU suite; scaling: the B and D sweeps (plot = scaling curves).
+    Raises ValueError for a selection that matches nothing.
+    """
+    from . import report, runner
+
+    suite = cases_mod.suite_name(device, quick=quick, scaling=scaling)
+    selected = cases_mod.select(cases_mod.SUITES[suite], case_patterns)
+    if not selected:
+        names = ", ".join(c.name for c in cases_mod.SUITES[suite])
+        raise ValueError(f"--cases {','.join(case_patterns)} matches no case of suite {suite!r}; its cases: {names}")
+    if passes is None:
+        passes = ("fwd+bwd",) if quick or scaling else cases_mod.PASSES
+    opts = runner.Options(
+        device=device, passes=tuple(passes), impl_patterns=impl_patterns,
+        repeats=repeats if repeats is not None else (5 if quick or scaling else 10),
+        warmup=warmup if warmup is not None else (3 if device.startswith("cuda") else 1),
+        max_time_s=max_time_s if max_time_s is not None else (3.0 if quick else 10.0),
+        memory=memory, seed=seed, json_path=json_path, suite=suite, command=list(command or []))
+    result = runner.run(selected, opts)
+    echo(report.table(result))
+    if markdown_path:
+        report.write_markdown(result, markdown_path)
+    if plot_path:
+        render_plot(result, plot_path, scaling=scaling)
+    return result
+
+
+def render_plot(result: dict, path: str, *, scaling: bool) -> None:
+    from . import plot
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    (plot.scaling if scaling else plot.speedups)(result, path)

@@ -1,0 +1,107 @@
+"""Rendering of benchmark rows: the terminal table, a markdown table (optionally spliced into a README between
+markers), and loading a saved JSON report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BEGIN, END = "<!-- rmi-fast bench: begin -->", "<!-- rmi-fast bench: end -->"
+
+
+def load(path: str | Path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read benchmark JSON {path}: {exc}") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+        raise ValueError(f"{path} is not an `rmi-fast bench --json` report (no 'rows' list)")
+    return report
+
+
+def _rate(row: dict, gpu: bool) -> str:
+    t = row.get("tflops")
+    if t is None:
+        return ""
+    return f"{t:.1f}" if gpu else f"{t * 1e3:.1f}"
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 1000 else f"{v:.3g}"
+
+
+def _cells(row: dict, gpu: bool) -> list[str]:
+    spread = ""
+    if row.get("p20_ms") is not None:
+        spread = f"{_ms(row['p20_ms'])}–{_ms(row['p80_ms'])}"
+    note = row.get("error") or row.get("note") or row.get("memory_error") or ""
+    if row.get("error"):
+        note = "ERROR " + note
+    return [row["case"], row["impl"], row["pass"], _num(row.get("median_ms"), ".3f"), spread,
+            _num(row.get("speedup_vs_eager"), ".2f") + ("x" if row.get("speedup_vs_eager") else ""),
+            _rate(row, gpu), _num(row.get("pct_gemm"), ".0f"), _num(row.get("peak_mem_mb"), ".1f"), note]
+
+
+def _headers(gpu: bool) -> list[str]:
+    return ["case", "impl", "pass", "median ms", "p20–p80 ms", "vs eager", "TFLOP/s" if gpu else "GFLOP/s",
+            "% gemm", "peak MB", "note"]
+
+
+def _is_gpu(report: dict) -> bool:
+    return report.get("device_info", {}).get("type") == "cuda"
+
+
+def table(report: dict, rows: list[dict] | None = None, note_width: int = 60) -> str:
+    """Fixed-width text table; consecutive rows of one case share its name."""
+    gpu = _is_gpu(report)
+    rows = report["rows"] if rows is None else rows
+    body = []
+    last = None
+    for r in rows:
+        cells = _cells(r, gpu)
+        cells[-1] = cells[-1][:note_width]
+        if cells[0] == last:
+            cells[0] = ""
+        else:
+            last = cells[0]
+        body.append(cells)
+    head = _headers(gpu)
+    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(head)]
+    right = {3, 4, 5, 6, 7, 8}
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(c) for c in body]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown(report: dict, passes=("fwd+bwd", "step")) -> str:
+    """A markdown table of the headline rows (forward+backward and training steps) with the run's provenance."""
+    gpu = _is_gpu(report)
+    rows = [r for r in report["rows"] if r["pass"] in passes]
+    v = report.get("versions", {})
+    lines = [f"Device: {report.get('device')} · torch {v.get('torch')} · rmi_fast {v.get('rmi_fast')} · "
+             f"{report.get('created', '')}", "",
+             "| " + " | ".join(_headers(gpu)) + " |", "|" + "---|" * len(_headers(gpu))]
+    for r in rows:
+        cells = [c.replace("|", "\\|") for c in _cells(r, gpu)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: dict, path: str | Path) -> None:
+    """Write the markdown table to ``path``; in a file holding the BEGIN/END markers, replace only what is between."""
+    path = Path(path)
+    block = markdown(report)
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+            return
+    path.write_text(block)

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# The one GPU run: on a machine with a CUDA GPU and no internet, at the repo root, in about 9 minutes:
+#   1. a venv (/tmp/rmi_fast_gpu_venv) on top of the machine's own CUDA torch (or, failing that, torch wheels carried in .whl/),
+#      plus the peer libraries carried as wheels in .whl/ (memeff, inf-cl, cut-cross-entropy);
+#   2. the compiled module built with CUDA for this GPU's architecture;
+#   3. the GPU tests (pytest -m gpu) with a JUnit XML;
+#   4. the GPU benchmarks (rmi-fast bench --device cuda: the design's cases first, then the rest) → JSON, PNG, markdown;
+#   5. the scaling curves (symmetric infonce_loss against B and D) → JSON, PNG.
+# Everything lands in $OUT (default ./gpu_out): gpu_run.log (every step's output and status), junit_gpu.xml,
+# bench_gpu.json/.png/.md, bench_gpu_scaling.json/.png. A failing step is logged and the script goes on.
+#
+#   bash scripts/gpu_run.sh                  run everything (on the GPU machine)
+#   bash scripts/gpu_run.sh --fetch-wheels   here, with internet: download the wheels the GPU machine needs into .whl/
+#
+# Environment: RMI_FAST_GPU_BUDGET_S (total seconds, default 540), RMI_FAST_CUDA_ARCH (default: the device's, e.g. 90),
+# PYTHON (the interpreter that holds torch; default python3), RMI_FAST_BENCH_CASES (override --cases of step 4).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PEER_WHEELS=(memeff inf-cl cut-cross-entropy)
+
+fetch_wheels() {
+  # Pure-Python wheels: one version each. Their needs (torch, triton, numpy) are on the GPU image already.
+  local py=${PYTHON:-python3}
+  mkdir -p .whl
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${PEER_WHEELS[@]}" || return 1
+  ls -l .whl
+  echo "now carry .whl in the device run (carry: [\".whl\"]) and run: bash scripts/gpu_run.sh"
+}
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  fetch_wheels
+  exit $?
+elif [ -n "${1:-}" ]; then
+  echo "usage: bash scripts/gpu_run.sh [--fetch-wheels]" >&2
+  exit 2
+fi
+
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_run.log"
+: >"$LOG"
+START=$(date +%s)
+BUDGET=${RMI_FAST_GPU_BUDGET_S:-540}
+export PYTHONUNBUFFERED=1
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# step NAME MAX_SECONDS COMMAND...: run with a time limit (capped by what is left, keeping RESERVE seconds for the
+# steps after it), log output and status; never stops the script.
+RESERVE=0
+step() {
+  local name=$1 max=$2
+  shift 2
+  local limit
+  limit=$(($(left) - RESERVE))
+  [ "$limit" -gt "$max" ] && limit=$max
+  if [ "$limit" -lt 10 ]; then
+    echo "=== [$(date +%T)] $name: SKIPPED (time budget spent)" | tee -a "$LOG"
+    return 1
+  fi
+  echo "=== [$(date +%T)] $name (limit ${limit}s)" | tee -a "$LOG"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  local status=ok
+  [ $rc -eq 124 ] && status="TIMED OUT"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="FAILED (exit $rc)"
+  echo "=== [$(date +%T)] $name: $status after $(($(date +%s) - t0))s" | tee -a "$LOG"
+  return $rc
+}
+
+# ---------------------------------------------------------------------------------------------- 1. environment
+BASE_PY=${PYTHON:-python3}
+VENV=${RMI_FAST_GPU_VENV:-/tmp/rmi_fast_gpu_venv}
+PY=$VENV/bin/python
+
+probe_torch() {
+  "$1" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+assert torch.cuda.is_available(), "torch sees no CUDA device"
+p = torch.cuda.get_device_properties(0)
+print("device", p.name, "SMs", p.multi_processor_count, "capability", f"{p.major}.{p.minor}")
+EOF
+}
+
+# pip for the venv: its own, or the base interpreter's pointed at it where the venv was made without pip
+pipv() {
+  if "$PY" -m pip --version >/dev/null 2>&1; then "$PY" -m pip "$@"; else "$BASE_PY" -m pip --python "$PY" "$@"; fi
+}
+
+make_venv() {
+  nvidia-smi -L || true
+  "$BASE_PY" -m venv "$VENV" || "$BASE_PY" -m venv --without-pip "$VENV" || return 1
+  # The venv sees the base interpreter's packages (its CUDA torch, triton, pytest, ...) through a .pth file: a plain
+  # --system-site-packages would skip them when the base interpreter is itself a venv.
+  local base_site venv_site
+  base_site=$("$BASE_PY" -c "import site; print('\n'.join(site.getsitepackages()))")
+  venv_site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "$base_site" >"$venv_site/_base_site.pth"
+  if ! probe_torch "$PY"; then
+    echo "no usable CUDA torch on this machine: trying carried torch wheels in .whl/"
+    ls .whl/torch-*.whl >/dev/null 2>&1 || { echo "no torch wheel in .whl/"; return 1; }
+    pipv install -q --no-index --find-links .whl torch || return 1
+    probe_torch "$PY" || return 1
+  fi
+  local wheels=()
+  for name in "${PEER_WHEELS[@]}"; do
+    local f
+    f=$(ls .whl/"${name//-/_}"-*.whl 2>/dev/null | head -1)
+    if [ -n "$f" ]; then wheels+=("$f"); else echo "peer $name: no wheel in .whl/ (run --fetch-wheels here first)"; fi
+  done
+  if [ ${#wheels[@]} -gt 0 ]; then
+    pipv install -q --no-index --no-deps --no-compile "${wheels[@]}" || return 1
+  fi
+  pipv list 2>/dev/null | grep -iE "^(torch|triton|memeff|inf.cl|cut.cross.entropy|pytest|numpy) " || true
+}
+
+# ------------------------------------------------------------------------------------------------------- 2. build
+build() {
+  local arch=${RMI_FAST_CUDA_ARCH:-$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}')")}
+  echo "building rmi_fast._C for sm_$arch with $(nproc) jobs"
+  RMI_FAST_CUDA_ARCH=$arch RMI_FAST_BUILD_JOBS=$(nproc) \
+    pipv install -v --no-index --no-deps --no-build-isolation -e . || return 1
+  "$PY" -m rmi_fast.cli info
+}
+
+# ------------------------------------------------------------------------------------------------- 3 – 5. run all
+gpu_tests() {
+  "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/junit_gpu.xml"
+}
+
+BENCH_CASES=${RMI_FAST_BENCH_CASES:-}
+bench() {
+  local extra=()
+  [ -n "$BENCH_CASES" ] && extra=(--cases "$BENCH_CASES")
+  "$PY" -m rmi_fast.cli bench --device cuda --max-time 2 "${extra[@]}" \
+    --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" --markdown "$OUT/bench_gpu.md"
+}
+
+scaling() {
+  "$PY" -m rmi_fast.cli bench --device cuda --scaling --impls 'rmi_fast*,eager,memeff,inf-cl,cut-cross-entropy,gemm-x4' \
+    --max-time 1 --json "$OUT/bench_gpu_scaling.json" --plot "$OUT/bench_gpu_scaling.png"
+}
+
+# The JSON is rewritten after every case, so a run stopped by its limit still has rows: render what it has.
+render() {
+  local json=$1 png=$2 md=${3:-}
+  [ -s "$json" ] || { echo "no $json to render"; return 1; }
+  local extra=()
+  [ -n "$md" ] && extra=(--markdown "$md")
+  "$PY" -m rmi_fast.cli bench --from-json "$json" --plot "$png" "${extra[@]}"
+}
+
+echo "rmi_fast GPU run: budget ${BUDGET}s, output in $OUT" | tee -a "$LOG"
+RESERVE=400 step "venv" 90 make_venv
+[ -x "$PY" ] || { echo "no venv: going on with $BASE_PY" | tee -a "$LOG"; PY=$BASE_PY; }
+RESERVE=330 step "build (CUDA)" 240 build
+RESERVE=240 step "GPU tests" 150 gpu_tests
+RESERVE=70 step "benchmarks" 400 bench || RESERVE=0 step "render benchmarks" 40 render "$OUT/bench_gpu.json" \
+  "$OUT/bench_gpu.png" "$OUT/bench_gpu.md"
+RESERVE=15 step "scaling" 300 scaling || RESERVE=0 step "render scaling" 30 render "$OUT/bench_gpu_scaling.json" \
+  "$OUT/bench_gpu_scaling.png"
+
+echo "=== done in $(($(date +%s) - START))s; files:" | tee -a "$LOG"
+ls -l "$OUT" | tee -a "$LOG"
+exit 0

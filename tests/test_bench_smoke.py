@@ -1,0 +1,90 @@
+"""`rmi-fast bench` runs end to end and writes a valid report; bad arguments get clear errors. No timing assertions."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rmi_fast import cli
+from rmi_fast.bench import cases, impls
+
+REQUIRED = ("case", "impl", "bound", "B", "D", "G", "dtype", "pass", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+            "tflops")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    files = {"json": out / "bench.json", "plot": out / "bench.png", "markdown": out / "README.md"}
+    files["markdown"].write_text("# results\n\n<!-- rmi-fast bench: begin -->\nold\n<!-- rmi-fast bench: end -->\ntail\n")
+    cmd = [sys.executable, "-m", "rmi_fast.cli", "bench", "--quick", "--cases", "nwj", "--impls",
+           "rmi_fast*,eager,gemm-x4", "--repeats", "2", "--max-time", "1",
+           "--json", str(files["json"]), "--plot", str(files["plot"]), "--markdown", str(files["markdown"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, files
+
+
+def test_quick_run_writes_a_valid_report(quick_run):
+    proc, files = quick_run
+    report = json.loads(files["json"].read_text())
+    assert report["device"] and report["device_info"]["type"] == "cpu"
+    assert {"torch", "rmi_fast", "python", "backends", "peers"} <= set(report["versions"])
+    rows = report["rows"]
+    assert rows and all(set(REQUIRED) <= set(r) for r in rows)
+    assert {r["case"] for r in rows} == {"nwj/B2048/D128/fp32"}
+    assert {r["pass"] for r in rows} == {"fwd+bwd"}
+    by_impl = {r["impl"]: r for r in rows}
+    assert {"rmi_fast[torch]", "eager", "gemm-x4"} <= set(by_impl)
+    for r in rows:
+        if r["median_ms"] is None:  # an implementation that cannot run here says why
+            assert r.get("note") or r.get("error"), r
+            continue
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["tflops"] > 0
+        assert r["peak_mem_mb"] is not None or r.get("memory_error"), r
+    assert by_impl["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert by_impl["eager"]["value"] == pytest.approx(by_impl["rmi_fast[torch]"]["value"], rel=1e-3, abs=1e-3)
+
+
+def test_quick_run_prints_the_table_and_writes_plot_and_markdown(quick_run):
+    proc, files = quick_run
+    assert "nwj/B2048/D128/fp32" in proc.stdout and "median ms" in proc.stdout
+    assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["markdown"].read_text()
+    assert md.startswith("# results") and md.endswith("tail\n") and "old" not in md
+    assert "| nwj/B2048/D128/fp32 |" in md
+
+
+def test_rerender_from_json(quick_run, tmp_path, capsys):
+    _, files = quick_run
+    assert cli.main(["bench", "--from-json", str(files["json"]), "--markdown", str(tmp_path / "t.md")]) == 0
+    assert "nwj/B2048/D128/fp32" in capsys.readouterr().out
+    assert (tmp_path / "t.md").read_text().count("| nwj/B2048/D128/fp32 |") >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--passes", "fwd,sideways"], "unknown passes sideways"),
+    (["bench", "--repeats", "0"], "expected a positive int"),
+    (["bench", "--plot", "out.pdf"], "must end in .png"),
+    (["bench", "--cases", "no-such-case"], "matches no case"),
+    (["bench", "--device", "tpu"], "--device must be"),
+    (["bench", "--quick", "--device", "cuda"], None),
+])
+def test_bad_arguments_are_explained(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code != 0
+    text = str(exc.value.code) + capsys.readouterr().err
+    if message:
+        assert message in text
+
+
+def test_registry_names_are_unique_and_every_impl_is_findable():
+    for suite in cases.SUITES.values():
+        names = [c.name for c in suite]
+        assert len(names) == len(set(names))
+    for impl in impls.registry():
+        assert impls.find(impl.name) is impl.__class__ or impls.find(impl.name).name == impl.name
