@@ -35,14 +35,299 @@ def _add_info(sub) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- bench
 
+def _csv(kind: str, choices=None):
+    """argparse type: a comma-separated list (of ``choices`` when given)."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind}, got {text!r}")
+        bad = [t for t in items if choices is not None and t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {', '.join(bad)}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _png(text: str) -> str:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"--plot writes a PNG: the file name must end in .png, got {text!r}")
+    return text
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rmi_fast import bench
+    from rmi_fast.bench import report
+
+    if args.from_json:
+        result = report.load(args.from_json)
+        print(report.table(result))
+        if args.markdown:
+            report.write_markdown(result, args.markdown)
+        if args.plot:
+            bench.render_plot(result, args.plot, scaling=str(result.get("suite", "")).endswith("scaling"))
+        return 0
+    device = args.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("rmi-fast bench: error: --device cuda, but no CUDA device is available")
+    elif device != "cpu":
+        raise SystemExit(f"rmi-fast bench: error: --device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if args.quick and device != "cpu":
+        raise SystemExit("rmi-fast bench: error: --quick is the short CPU run; use --cases to shorten a GPU run")
+    if args.list:
+        print("\n".join(bench.list_cases(device, quick=args.quick, scaling=args.scaling, patterns=args.cases)))
+        return 0
+    try:
+        bench.bench(device=device, quick=args.quick, scaling=args.scaling, case_patterns=args.cases,
+                    impl_patterns=args.impls, passes=args.passes, repeats=args.repeats, warmup=args.warmup,
+                    max_time_s=args.max_time, memory=not args.no_memory, seed=args.seed, json_path=args.json,
+                    plot_path=args.plot, markdown_path=args.markdown, command=sys.argv)
+    except ValueError as exc:
+        raise SystemExit(f"rmi-fast bench: error: {exc}") from None
+    return 0
+
+
 def _add_bench(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "bench", help="time every bound and loss: ours (each backend) against eager, torch.compile and peers",
+        description="Times forward, backward and forward+backward of every MI bound and contrastive loss for every "
+                    "available rmi_fast backend, eager PyTorch, torch.compile and the peer libraries installed; "
+                    "checks each value against ours first. Prints a table; --json writes the rows.")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--quick", action="store_true", help="the short CPU suite (about a minute)")
+    p.add_argument("--scaling", action="store_true",
+                   help="time and memory against B and D (use with --plot for the scaling curves)")
+    p.add_argument("--cases", type=_csv("case patterns"), metavar="PAT[,PAT...]",
+                   help="case-name globs or prefixes, e.g. 'infonce/*' or 'dv/G64xB512' (see --list)")
+    p.add_argument("--impls", type=_csv("implementation patterns"), metavar="PAT[,PAT...]",
+                   help="implementation globs, e.g. 'rmi_fast*,eager' (default: all)")
+    p.add_argument("--passes", type=_csv("passes", ("fwd", "bwd", "fwd+bwd")), metavar="P[,P...]",
+                   help="fwd, bwd, fwd+bwd (default: all three; fwd+bwd with --quick/--scaling)")
+    p.add_argument("--repeats", type=_positive(int), help="timed repetitions per pass (default 10; 5 quick)")
+    p.add_argument("--warmup", type=_positive(int), help="untimed runs before timing (default 1 CPU, 3 GPU)")
+    p.add_argument("--max-time", type=_positive(float), metavar="S",
+                   help="stop repeating a pass after S seconds (at least 3 repetitions; default 10, 3 quick)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    p.add_argument("--json", metavar="FILE", help="write the report (device, versions, rows) as JSON")
+    p.add_argument("--plot", type=_png, metavar="FILE.png",
+                   help="speedups over eager; with --scaling, time and memory against B and D")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="write the headline table as markdown (between the markers, where the file has them)")
+    p.add_argument("--from-json", metavar="FILE", help="render a saved report (table, --markdown, --plot); no run")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.set_defaults(func=_bench)
 
 
 # ---------------------------------------------------------------------------------------- the paper's system
 
+def _paper_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+    """Flags every command of the paper's system shares; None means the dataset's default (robust.settings)."""
+    if dataset:
+        p.add_argument("--dataset", default="digits", help="digits (built in), mnist, fashion-mnist, cifar10, svhn")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's published files (not for digits)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eps", type=_positive(float), default=None, help="ℓ∞ radius (default: the paper's)")
+    p.add_argument("--alpha", type=_positive(float), default=None, help="PGD step size (default: the paper's)")
+    p.add_argument("--steps", type=_positive(int), default=None, help="PGD steps (default: the paper's)")
+    p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: the dataset's; all cores except for 8×8 digits)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _mi_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimator", default="dv", choices=["dv", "jsd", "infonce"], help="MI bound (paper: dv)")
+    p.add_argument("--diagonal", default="exclude", choices=["exclude", "zero"],
+                   help="DV/JSD negatives: exclude the positive pair, or 'zero' it (the released code)")
+    p.add_argument("--backend", default="auto", help="rmi_fast backend of the bound (auto, cpp, torch, ...)")
+
+
+def _paper_setup(args: argparse.Namespace, dataset: str):
+    """Threads, device and the protocol settings of ``dataset`` with the command line's overrides."""
+    import os
+
+    import torch
+
+    from rmi_fast.robust.settings import dataset_settings
+    from rmi_fast.robust.utils import resolve_device
+
+    device = resolve_device(args.device)
+    overrides = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, threads=args.threads,
+                     encoder_epochs=getattr(args, "epochs", None) if args.command == "train-encoder" else None,
+                     estimation_epochs=getattr(args, "estimation_epochs", None),
+                     head_epochs=getattr(args, "epochs", None) if args.command == "train-head" else None)
+    settings = dataset_settings(dataset, **overrides)
+    if device.type == "cpu":
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    return device, settings
+
+
+def _train_encoder(args: argparse.Namespace) -> int:
+    from rmi_fast.robust.data import load_dataset
+    from rmi_fast.robust.reproduce import protocol_train_config
+    from rmi_fast.robust.training import train_encoder
+    from rmi_fast.robust.worst_case import MIConfig
+
+    device, s = _paper_setup(args, args.dataset)
+    config = protocol_train_config(args.dataset, args.mode, s, MIConfig(args.estimator, args.diagonal, args.backend),
+                                   args.seed)
+    if args.attack_input_branch:
+        from dataclasses import replace
+
+        config = replace(config, attack=replace(config.attack, through_input_branch=True))
+    data = load_dataset(args.dataset, "train", args.data_dir, args.limit)
+    run = train_encoder(config, data.images, device=device, checkpoint=args.out, checkpoint_every=args.checkpoint_every,
+                        resume=not args.restart, show_progress=not args.quiet)
+    tail = run.history[-10:]
+    print(f"{args.mode} encoder: {run.step} steps, training MI (last {len(tail)} steps) "
+          f"{sum(tail) / max(len(tail), 1):.4f} nats; checkpoint {args.out}")
+    return 0
+
+
+def _estimate_mi(args: argparse.Namespace) -> int:
+    import json
+
+    from rmi_fast.robust.data import load_dataset
+    from rmi_fast.robust.estimation import adversarial_accuracy_bound, estimate_mi
+    from rmi_fast.robust.reproduce import protocol_estimation_config
+    from rmi_fast.robust.training import load_encoder
+
+    encoder, config = load_encoder(args.encoder)
+    dataset = args.dataset or config.dataset
+    device, s = _paper_setup(args, dataset)
+    train = load_dataset(dataset, "train", args.data_dir, args.limit)
+    test = load_dataset(dataset, "test", args.data_dir, args.limit)
+    estimate = estimate_mi(encoder.to(device), train.images, test.images, protocol_estimation_config(config, s, args.seed),
+                           device=device, show_progress=not args.quiet)
+    result = {**estimate.to_dict(), "bound": adversarial_accuracy_bound(estimate.mi_worst, s.num_classes)}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _train_head(args: argparse.Namespace) -> int:
+    from rmi_fast.robust.data import load_dataset
+    from rmi_fast.robust.downstream import save_classifier, train_head
+    from rmi_fast.robust.reproduce import protocol_head_config
+    from rmi_fast.robust.training import load_encoder
+
+    encoder, config = load_encoder(args.encoder)
+    dataset = args.dataset or config.dataset
+    device, s = _paper_setup(args, dataset)
+    data = load_dataset(dataset, "train", args.data_dir, args.limit)
+    head_config = protocol_head_config(args.head, args.training, s, args.seed)
+    model = train_head(encoder.to(device), data.images, data.labels, head_config, num_classes=s.num_classes,
+                       device=device, show_progress=not args.quiet)
+    save_classifier(args.out, model, head_config, dataset=dataset, num_classes=s.num_classes)
+    print(f"{args.training} {args.head} head saved to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from rmi_fast.robust.data import load_dataset
+    from rmi_fast.robust.downstream import attack_suite, evaluate_classifier, load_classifier
+
+    model, meta = load_classifier(args.model)
+    dataset = args.dataset or meta["dataset"]
+    device, s = _paper_setup(args, dataset)
+    test = load_dataset(dataset, "test", args.data_dir, args.limit)
+    metrics = evaluate_classifier(model.to(device), test.images, test.labels, attack_suite(s.eps, s.alpha, s.steps),
+                                  device=device, seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from rmi_fast.robust.reproduce import ReproduceOptions, run
+
+    report = run(ReproduceOptions(
+        dataset=args.dataset, out=args.out, device=args.device, seed=args.seed, epochs=args.epochs, eps=args.eps,
+        alpha=args.alpha, steps=args.steps, data_dir=args.data_dir, estimator=args.estimator,
+        diagonal=args.diagonal, backend=args.backend, estimation_epochs=args.estimation_epochs,
+        head_epochs=args.head_epochs, train_limit=args.limit, test_limit=args.limit, threads=args.threads,
+        show_progress=not args.quiet))
+    for mode, e in report["encoders"].items():
+        print(f"{mode:>10}: I = {e['mi_natural']:.3f}, I_worst = {e['mi_worst']:.3f}, RV = {e['rv']:.3f} nats, "
+              f"Theorem 3.4 bound {min(e['bound'], 1.0):.3f}")
+    for r in report["downstream"]:
+        print(f"{r['encoder']:>10} + {r['head_training']:>8} {r['head']:<6}: natural {r['natural_acc']:.3f}, "
+              f"adversarial {r['adversarial_acc']:.3f} (strongest {r['adversarial_acc_strongest']:.3f})")
+    checks = report["checks"]
+    for v in checks["bound_violations"]:
+        print(f"BOUND VIOLATION: {v}")
+    print(f"report: {args.out}/report.json, report.md, mi.png, accuracy.png "
+          f"({report['timing_seconds']['total']:.0f} s)")
+    return 0
+
+
 def _add_paper(sub) -> None:
-    pass
+    p = sub.add_parser("train-encoder", help="train an encoder: standard infomax or worst-case MI (checkpointed)")
+    _paper_common(p)
+    _mi_flags(p)
+    p.add_argument("--mode", default="worst-case", choices=["infomax", "worst-case"])
+    p.add_argument("--out", required=True, help="checkpoint file (an existing one of the same config is resumed)")
+    p.add_argument("--epochs", type=_positive(int), default=None)
+    p.add_argument("--limit", type=_positive(int), default=None, help="use only the first N training images")
+    p.add_argument("--checkpoint-every", type=_positive(int), default=0, help="steps (default: every epoch)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--attack-input-branch", action="store_true",
+                   help="let the attack's gradient flow through the critic's input branch (the released code "
+                        "detached it)")
+    p.set_defaults(func=_train_encoder)
+
+    p = sub.add_parser("estimate-mi", help="natural and worst-case MI of a trained encoder (Algorithm 2), RV, bound")
+    _paper_common(p, dataset=False)
+    p.add_argument("--encoder", required=True, help="encoder checkpoint from train-encoder")
+    p.add_argument("--dataset", default=None, help="default: the encoder's")
+    p.add_argument("--estimation-epochs", type=_positive(int), default=None)
+    p.add_argument("--limit", type=_positive(int), default=None)
+    p.set_defaults(func=_estimate_mi)
+
+    p = sub.add_parser("train-head", help="train a linear or MLP head on a frozen encoder, standard or robust")
+    _paper_common(p, dataset=False)
+    p.add_argument("--encoder", required=True, help="encoder checkpoint from train-encoder")
+    p.add_argument("--dataset", default=None, help="default: the encoder's")
+    p.add_argument("--head", default="mlp", choices=["linear", "mlp"])
+    p.add_argument("--training", default="standard", choices=["standard", "robust"])
+    p.add_argument("--epochs", type=_positive(int), default=None)
+    p.add_argument("--limit", type=_positive(int), default=None)
+    p.add_argument("--out", required=True, help="classifier checkpoint to write")
+    p.set_defaults(func=_train_head)
+
+    p = sub.add_parser("evaluate", help="natural and adversarial accuracy (paper's PGD, PGD restarts, APGD)")
+    _paper_common(p, dataset=False)
+    p.add_argument("--model", required=True, help="classifier checkpoint from train-head")
+    p.add_argument("--dataset", default=None, help="default: the classifier's")
+    p.add_argument("--limit", type=_positive(int), default=None)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("reproduce", help="the paper's experiment end to end: report.json, report.md, plots")
+    _paper_common(p)
+    _mi_flags(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--epochs", type=_positive(int), default=None, help="encoder training epochs")
+    p.add_argument("--estimation-epochs", type=_positive(int), default=None, help="critic epochs per MI estimate")
+    p.add_argument("--head-epochs", type=_positive(int), default=None)
+    p.add_argument("--limit", type=_positive(int), default=None, help="first N images of each split (smoke runs)")
+    p.set_defaults(func=_reproduce)
 
 
 # ------------------------------------------------------------------------------------------------------------ main

@@ -1,0 +1,29 @@
+"""Checkpoints of plain dicts and tensors: loadable with ``torch.load(weights_only=True)``, carrying their config."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict, kind: str) -> None:
+    """Write ``payload`` (plain Python values and tensors only) atomically: a crash mid-write never leaves a torn
+    file where a resumable checkpoint used to be."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"kind": kind, **payload}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors on the CPU) and check its kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a {kind!r} checkpoint (found {found!r})")
+    return payload

@@ -1,0 +1,228 @@
+"""Encoder training: standard infomax and worst-case MI maximisation (eq. 5.4 of Zhu, Zhang & Evans, β = 1).
+
+    infomax:     max_{g, T}  Î_T(X; g(X))                    on clean batches
+    worst-case:  max_{g, T}  min_{X' ∈ B_ε(X)} Î_T(X'; g(X'))  the inner min by PGD (Algorithm 1), only X' is used
+
+The encoder g and both critic branches are trained together with Adam (1e-4 in the paper). Runs checkpoint the
+models, the optimiser, the attack's RNG state and the step count; the batch order of every epoch is a function of
+(seed, epoch) alone, so a run resumed from a checkpoint produces the same parameters as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .critics import Critic, CriticConfig
+from .models import Encoder, EncoderConfig
+from .utils import epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
+from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
+
+MODES = ("infomax", "worst-case")
+CHECKPOINT_KIND = "rmi_fast.robust.encoder"
+
+
+@dataclass(frozen=True)
+class EncoderTrainConfig:
+    """Everything that determines an encoder training run (stored in its checkpoints as a plain dict)."""
+
+    mode: str
+    encoder: EncoderConfig
+    critic: CriticConfig
+    attack: AttackConfig
+    mi: MIConfig = field(default_factory=MIConfig)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-4
+    seed: int = 0
+    dataset: str | None = None  # the data it was trained on (informational; None for ad-hoc tensors)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.critic.rep_dim != self.encoder.dim:
+            raise ValueError(f"critic.rep_dim ({self.critic.rep_dim}) must equal encoder.dim ({self.encoder.dim})")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderTrainConfig:
+        d = dict(d)
+        return cls(encoder=EncoderConfig(**d.pop("encoder")), critic=CriticConfig(**d.pop("critic")),
+                   attack=AttackConfig(**d.pop("attack")), mi=MIConfig(**d.pop("mi")), **d)
+
+
+@dataclass
+class EncoderRun:
+    """The result of :func:`train_encoder`: models in eval mode, the per-step training MI, and whether the run
+    reached its last step (False after ``stop_after``)."""
+
+    config: EncoderTrainConfig
+    encoder: Encoder
+    critic: Critic
+    history: list[float]
+    step: int
+    finished: bool
+
+
+def build_models(config: EncoderTrainConfig, device: torch.device) -> tuple[Encoder, Critic]:
+    """Fresh encoder and critic, initialised from ``config.seed`` (independently of the global RNG)."""
+    with seeded(config.seed):
+        encoder = Encoder(config.encoder)
+        critic = Critic(config.critic)
+    return encoder.to(device), critic.to(device)
+
+
+def make_optimizer(encoder: nn.Module, critic: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam([*encoder.parameters(), *critic.parameters()], lr=lr)
+
+
+def train_step(encoder: Encoder, critic: Critic, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               config: EncoderTrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One update on the batch x (B, C, H, W): the worst-case batch for mode "worst-case" (Algorithm 1 against the
+    current critic), the clean one for "infomax"; then an ascent step on Î. Returns the batch's Î (0-d, detached)."""
+    if config.mode == "worst-case":
+        x = worst_case_batch(encoder, critic, x, config.attack, config.mi, generator=generator)
+    encoder.train()
+    critic.train()
+    optimizer.zero_grad(set_to_none=True)
+    mi = mi_estimate(encoder, critic, x, config.mi)
+    (-mi).backward()
+    optimizer.step()
+    return mi.detach()
+
+
+def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: str | torch.device = "cpu",
+                  checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 0, resume: bool = True,
+                  stop_after: int | None = None, show_progress: bool = False) -> EncoderRun:
+    """Train an encoder and its critic on ``images`` (N, C, H, W) in [0, 1].
+
+    checkpoint: file written after every ``checkpoint_every`` steps (0: at the end of each epoch) and at the end;
+        with ``resume`` an existing file of the same config is continued from its step.
+    stop_after: stop once this many steps are done (an interruption, for tests and time-boxed runs).
+    Batches are full (a short last batch is dropped: the bound depends on B); an epoch has N // batch_size steps.
+    """
+    device = resolve_device(device)
+    _check_images(images, config.encoder)
+    n = images.shape[0]
+    batch = min(config.batch_size, n)
+    per_epoch = steps_per_epoch(n, batch)
+    total = config.epochs * per_epoch
+    every = checkpoint_every or per_epoch
+    encoder, critic = build_models(config, device)
+    optimizer = make_optimizer(encoder, critic, config.lr)
+    generator = make_generator(config.seed, device)
+    step, history = 0, []
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        step, history = _restore(checkpoint, config, encoder, critic, optimizer, generator)
+    images = images.to(device)
+    bar = progress(total=total, desc=f"train {config.mode} encoder", enabled=show_progress)
+    bar.update(step)
+    while step < total and (stop_after is None or step < stop_after):
+        epoch, k = divmod(step, per_epoch)
+        idx = epoch_order(n, config.seed, epoch)[k * batch:(k + 1) * batch].to(device)
+        mi = train_step(encoder, critic, optimizer, images[idx], config, generator)
+        history.append(float(mi))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(mi=f"{history[-1]:.3f}", refresh=False)
+        if checkpoint is not None and (step % every == 0 or step == total):
+            _save(checkpoint, config, encoder, critic, optimizer, generator, step, total, history)
+    bar.close()
+    encoder.eval()
+    critic.eval()
+    return EncoderRun(config, encoder, critic, history, step, step >= total)
+
+
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Encoder, EncoderTrainConfig]:
+    """The encoder of an encoder checkpoint (eval mode, on ``device``) and the config it was trained with."""
+    payload = load_checkpoint(path, CHECKPOINT_KIND)
+    config = EncoderTrainConfig.from_dict(payload["config"])
+    encoder = Encoder(config.encoder)
+    encoder.load_state_dict(payload["encoder"])
+    return encoder.to(resolve_device(device)).eval(), config
+
+
+def make_worst_case_step(dataset: str = "cifar10", batch_size: int = 128, backend: str = "auto",
+                         device: str | torch.device = "cpu", seed: int = 0) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable performing one worst-case-MI training step (PGD with the dataset's paper settings,
+    then an Adam update) of the paper's encoder and critic on fixed synthetic data of the dataset's shape.
+
+    For benchmarks: ``backend`` selects the MI bound's implementation ("auto" = fused, "torch" = eager on
+    materialised score matrices); everything else is identical. The callable returns the step's Î (0-d tensor).
+    """
+    from .settings import dataset_settings
+
+    s = dataset_settings(dataset)
+    device = resolve_device(device)
+    config = default_train_config(dataset, "worst-case", mi=MIConfig(backend=backend), batch_size=batch_size,
+                                  seed=seed)
+    encoder, critic = build_models(config, device)
+    optimizer = make_optimizer(encoder, critic, config.lr)
+    x = torch.rand(batch_size, s.channels, s.image_size, s.image_size,
+                   generator=torch.Generator().manual_seed(seed)).to(device)
+    generator = make_generator(seed, device)
+    return lambda: train_step(encoder, critic, optimizer, x, config, generator)
+
+
+def default_train_config(dataset: str, mode: str, **overrides) -> EncoderTrainConfig:
+    """The paper's training configuration for ``dataset`` (architecture, attack, Adam 1e-4, batch 128);
+    keyword arguments replace fields (e.g. ``epochs=5``, ``mi=MIConfig("jsd")``, ``attack=...``)."""
+    from .critics import critic_config_for
+    from .models import encoder_config_for
+    from .settings import dataset_settings
+
+    s = dataset_settings(dataset)
+    enc = encoder_config_for(s.channels, s.image_size)
+    fields = dict(mode=mode, dataset=dataset, encoder=enc, critic=critic_config_for(s.channels, s.image_size, enc.dim),
+                  attack=AttackConfig(eps=s.eps, alpha=s.alpha, steps=s.steps), epochs=s.encoder_epochs,
+                  lr=s.encoder_lr, batch_size=s.batch_size)
+    fields.update(overrides)
+    return EncoderTrainConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------- internals
+
+def _check_images(images: torch.Tensor, enc: EncoderConfig) -> None:
+    want = (enc.in_channels, enc.image_size, enc.image_size)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != want:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (N, {want[0]}, {want[1]}, {want[2]}) tensor, got {shape}")
+    if images.shape[0] < 2:
+        raise ValueError(f"need at least 2 images (the bounds need negatives), got {images.shape[0]}")
+
+
+def _save(path, config, encoder, critic, optimizer, generator, step, total, history) -> None:
+    save_checkpoint(path, {
+        "config": config.to_dict(),
+        "encoder": encoder.state_dict(),
+        "critic": critic.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "attack_rng": generator.get_state(),
+        "step": step,
+        "total_steps": total,
+        "history": torch.tensor(history, dtype=torch.float64),
+    }, CHECKPOINT_KIND)
+
+
+def _restore(path, config, encoder, critic, optimizer, generator) -> tuple[int, list[float]]:
+    payload = load_checkpoint(path, CHECKPOINT_KIND)
+    saved = EncoderTrainConfig.from_dict(payload["config"])
+    if saved != config:
+        raise ValueError(f"{path} holds a run with a different config; use another checkpoint path or resume=False "
+                         f"(saved: {saved}, requested: {config})")
+    encoder.load_state_dict(payload["encoder"])
+    critic.load_state_dict(payload["critic"])
+    optimizer.load_state_dict(payload["optimizer"])
+    generator.set_state(payload["attack_rng"])
+    return int(payload["step"]), payload["history"].tolist()

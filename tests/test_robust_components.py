@@ -1,0 +1,164 @@
+"""The paper's system on tiny configurations: critic, worst-case MI, training + checkpoints, estimation, heads."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rmi_fast as rf
+from rmi_fast.robust.critics import Critic, CriticConfig
+from rmi_fast.robust.downstream import (EvalAttack, HeadConfig, attack_suite, evaluate_classifier, load_classifier,
+                                        save_classifier, train_head)
+from rmi_fast.robust.estimation import EstimationConfig, MIEstimate, adversarial_accuracy_bound, estimate_mi
+from rmi_fast.robust.models import Encoder, EncoderConfig, make_head
+from rmi_fast.robust.training import EncoderTrainConfig, load_encoder, train_encoder
+from rmi_fast.robust.worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
+
+ENC = EncoderConfig(in_channels=1, image_size=8, conv_channels=(4, 8), hidden=16, dim=8)
+CRIT = CriticConfig(in_channels=1, image_size=8, rep_dim=8, conv_channels=(4,), width=16)
+ATTACK = AttackConfig(eps=0.1, alpha=0.025, steps=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _images(n=24, seed=0):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    return Encoder(ENC), Critic(CRIT)
+
+
+def _config(mode="worst-case", **kw):
+    return EncoderTrainConfig(mode=mode, encoder=ENC, critic=CRIT, attack=ATTACK,
+                              **{"epochs": 2, "batch_size": 8, "lr": 1e-3, **kw})
+
+
+def test_critic_shapes_and_broadcast_through_mi_bound():
+    enc, critic = _models()
+    x = _images(6)
+    z = enc(x)
+    assert z.shape == (6, 8)
+    local, rep = critic.local(x), critic.represent(z)
+    assert local.shape == (CRIT.locations, 6, 16) and CRIT.locations == 16
+    assert rep.shape == (6, 16)
+    for bound in ("dv", "jsd", "infonce"):
+        value = critic(x, z, bound=bound)
+        expected = rf.mi_bound(rep, local, bound, scale=CRIT.score_scale)  # rep (B, E) broadcast over G groups
+        torch.testing.assert_close(value, expected)
+        assert critic(x, z, bound=bound, reduction="none").shape == (CRIT.locations, 6)
+    zero = critic(x, z, bound="dv", diagonal="zero")
+    torch.testing.assert_close(zero, rf.mi_bound(rep, local, "dv", scale=CRIT.score_scale, diagonal="zero"))
+    with pytest.raises(ValueError, match="bound"):
+        critic(x, z, bound="nope")
+
+
+def test_critic_shares_no_parameters_with_encoder():
+    enc, critic = _models()
+    assert not {id(p) for p in enc.parameters()} & {id(p) for p in critic.parameters()}
+
+
+@pytest.mark.parametrize("through", [False, True])
+def test_worst_case_lowers_mi_and_stays_feasible(through):
+    enc, critic = _models()
+    x = _images(8)
+    attack = AttackConfig(eps=0.1, alpha=0.05, steps=5, through_input_branch=through)
+    mi = MIConfig()
+    enc.train()
+    x_adv = worst_case_batch(enc, critic, x, attack, mi)
+    assert enc.training  # restored after the attack
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        clean, worst = mi_estimate(enc, critic, x, mi), mi_estimate(enc, critic, x_adv, mi)
+    assert worst <= clean + 1e-6
+    assert worst < clean  # the attack does find a lower MI
+    assert all(p.grad is None for p in [*enc.parameters(), *critic.parameters()])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        _config(mode="other")
+    with pytest.raises(ValueError, match="eps"):
+        AttackConfig(eps=-1, alpha=0.1, steps=1)
+    with pytest.raises(ValueError, match="bound"):
+        MIConfig(bound="nwj2")
+    with pytest.raises(ValueError, match="head"):
+        make_head("cnn")
+    with pytest.raises(ValueError, match="images"):
+        train_encoder(_config(), torch.rand(4, 3, 8, 8))
+
+
+@pytest.mark.parametrize("mode", ["infomax", "worst-case"])
+def test_training_raises_the_bound(mode):
+    images = _images(32)
+    config = _config(mode, epochs=12, batch_size=16, lr=3e-3)
+    run = train_encoder(config, images)
+    assert run.finished and run.step == 24 and len(run.history) == 24
+    first, last = sum(run.history[:4]) / 4, sum(run.history[-4:]) / 4
+    assert last > first
+
+
+def test_checkpoint_weights_only_and_resume_matches_uninterrupted(tmp_path):
+    images = _images(32)
+    config = _config(epochs=3, batch_size=8)  # 4 steps per epoch, 12 in all
+    full = train_encoder(config, images)
+    ckpt = tmp_path / "enc.pt"
+    part = train_encoder(config, images, checkpoint=ckpt, checkpoint_every=1, stop_after=5)
+    assert not part.finished and part.step == 5
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert payload["step"] == 5 and payload["config"]["mode"] == "worst-case"
+    assert EncoderTrainConfig.from_dict(payload["config"]) == config
+    resumed = train_encoder(config, images, checkpoint=ckpt)
+    assert resumed.finished and resumed.step == 12
+    for a, b in zip([*full.encoder.parameters(), *full.critic.parameters()],
+                    [*resumed.encoder.parameters(), *resumed.critic.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert resumed.history == pytest.approx(full.history, rel=1e-5)
+    encoder, loaded_config = load_encoder(ckpt)
+    assert loaded_config == config
+    torch.testing.assert_close(encoder(images), full.encoder(images).detach())
+    with pytest.raises(ValueError, match="different config"):
+        train_encoder(_config(epochs=4, batch_size=8), images, checkpoint=ckpt)
+
+
+def test_estimation_rv_and_theorem_bound():
+    enc, _ = _models()
+    config = EstimationConfig(critic=CRIT, attack=ATTACK, epochs=2, batch_size=8)
+    est = estimate_mi(enc, _images(16), _images(16, seed=1), config)
+    assert isinstance(est, MIEstimate)
+    assert est.rv == pytest.approx(est.mi_natural - est.mi_worst)
+    assert est.to_dict()["rv"] == est.rv
+    assert adversarial_accuracy_bound(1.0, 10) == pytest.approx((1.0 + math.log(2)) / math.log(10))
+    assert adversarial_accuracy_bound(0.0, 2) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        adversarial_accuracy_bound(1.0, 1)
+
+
+@pytest.mark.parametrize("head,training", [("linear", "standard"), ("mlp", "robust")])
+def test_heads_train_and_evaluate(head, training, tmp_path):
+    enc, _ = _models()
+    images, labels = _images(40), torch.arange(40) % 4
+    config = HeadConfig(head=head, training=training, attack=EvalAttack("pgd", "pgd", 0.1, 2, 0.05), epochs=2,
+                        batch_size=8)
+    model = train_head(enc, images, labels, config, num_classes=4)
+    attacks = attack_suite(0.1, 0.05, 2)
+    metrics = evaluate_classifier(model, images, labels, attacks, batch_size=16)
+    assert set(metrics["attacks"]) == {a.name for a in attacks}
+    assert 0 <= metrics["worst"] <= min(metrics["attacks"].values()) <= 1
+    assert isinstance(metrics["masking_warnings"], list)
+    save_classifier(tmp_path / "clf.pt", model, config, dataset="digits", num_classes=4)
+    loaded, meta = load_classifier(tmp_path / "clf.pt")
+    assert meta["head_config"] == config
+    torch.testing.assert_close(loaded(images), model(images))
+    with pytest.raises(ValueError, match="attack"):
+        HeadConfig(training="robust")
