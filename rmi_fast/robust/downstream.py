@@ -15,7 +15,7 @@ from rmi_fast.attacks import apgd, gradient_masking_check, pgd
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .models import HEADS, Classifier, Encoder, EncoderConfig, make_head
-from .utils import epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
+from .utils import check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
 
 HEAD_TRAINING = ("standard", "robust")
 CHECKPOINT_KIND = "rmi_fast.robust.classifier"
@@ -84,9 +84,7 @@ class HeadConfig:
             raise ValueError(f"head training must be one of {list(HEAD_TRAINING)}, got {self.training!r}")
         if self.training == "robust" and self.attack is None:
             raise ValueError("robust head training needs an attack")
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        check_schedule(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .critics import Critic, CriticConfig
-from .utils import epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
+from .utils import check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
 from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
 
 
@@ -35,11 +35,7 @@ class EstimationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_schedule(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

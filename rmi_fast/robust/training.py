@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .critics import Critic, CriticConfig
 from .models import Encoder, EncoderConfig
-from .utils import epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
+from .utils import check_schedule, epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
 from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
 
 MODES = ("infomax", "worst-case")
@@ -46,11 +46,7 @@ class EncoderTrainConfig:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.critic.rep_dim != self.encoder.dim:
             raise ValueError(f"critic.rep_dim ({self.critic.rep_dim}) must equal encoder.dim ({self.encoder.dim})")
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_schedule(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

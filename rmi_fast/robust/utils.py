@@ -30,6 +30,17 @@ def seeded(seed: int):
         yield
 
 
+def check_schedule(config) -> None:
+    """Validate the optimisation schedule shared by every training config: positive integer epochs and batch_size,
+    and a positive lr."""
+    for name in ("epochs", "batch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -64,12 +75,3 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", enabled
 
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
 
-
-def set_eval(*modules: torch.nn.Module) -> None:
-    for m in modules:
-        m.eval()
-
-
-def set_train(*modules: torch.nn.Module) -> None:
-    for m in modules:
-        m.train()
