@@ -186,6 +186,7 @@ def _train_encoder(args: argparse.Namespace) -> int:
     from rmi_fast.robust.worst_case import MIConfig
 
     device, s = _paper_setup(args, args.dataset)
+    device, rank = _init_data_parallel(device)
     config = protocol_train_config(args.dataset, args.mode, s, MIConfig(args.estimator, args.diagonal, args.backend),
                                    args.seed)
     if args.attack_input_branch:
@@ -193,12 +194,37 @@ def _train_encoder(args: argparse.Namespace) -> int:
 
         config = replace(config, attack=replace(config.attack, through_input_branch=True))
     data = load_dataset(args.dataset, "train", args.data_dir, args.limit)
-    run = train_encoder(config, data.images, device=device, checkpoint=args.out, checkpoint_every=args.checkpoint_every,
-                        resume=not args.restart, show_progress=not args.quiet)
+    try:
+        run = train_encoder(config, data.images, device=device, checkpoint=args.out,
+                            checkpoint_every=args.checkpoint_every, resume=not args.restart,
+                            show_progress=not args.quiet)
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     tail = run.history[-10:]
-    print(f"{args.mode} encoder: {run.step} steps, training MI (last {len(tail)} steps) "
-          f"{sum(tail) / max(len(tail), 1):.4f} nats; checkpoint {args.out}")
+    if not rank:
+        print(f"{args.mode} encoder: {run.step} steps, training MI (last {len(tail)} steps) "
+              f"{sum(tail) / max(len(tail), 1):.4f} nats; checkpoint {args.out}")
     return 0
+
+
+def _init_data_parallel(device):
+    """Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, more than one rank): join the process group
+    (gloo on the CPU, nccl on CUDA, one GPU per local rank) → (device, rank); otherwise (device, None)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ or dist.is_initialized():
+        return device, None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank()
 
 
 def _estimate_mi(args: argparse.Namespace) -> int:

@@ -124,13 +124,15 @@ class Critic(nn.Module):
         return self.rep_block(z)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, *, bound: str = "dv", diagonal: str = "exclude",
-                backend: str = "auto", detach_local: bool = False, reduction: str = "mean") -> torch.Tensor:
+                backend: str = "auto", detach_local: bool = False, reduction: str = "mean",
+                gather=False) -> torch.Tensor:
         """The MI bound of the critic's scores on the pairs (x_i, z_i).
 
         x: (B, C, H, W) images; z: (B, d) their representations.
         bound: "dv" | "jsd" | "infonce"; diagonal: "exclude" or "zero" (the released code's DV, see rf.mi_bound).
         detach_local: stop gradients through the input branch (the released code's worst-case attack).
         reduction: "mean" → 0-d; "none" → (G, B) per-location, per-anchor terms.
+        gather: data-parallel: the negatives are the pairs of every rank (see ``rf.mi_bound``).
         """
         if bound not in ESTIMATORS:
             raise ValueError(f"bound must be one of {list(ESTIMATORS)}, got {bound!r}")
@@ -143,4 +145,4 @@ class Critic(nn.Module):
         rep = self.represent(z)
         # rep (B, E) is broadcast over the G location groups of local (G, B, E): u[ℓ, i, j] = scale·<rep_i, local_ℓj>
         return rf.mi_bound(rep, local, bound, scale=self.config.score_scale, reduction=reduction, backend=backend,
-                           diagonal=diagonal)
+                           diagonal=diagonal, gather=gather)

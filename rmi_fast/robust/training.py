@@ -6,6 +6,12 @@
 The encoder g and both critic branches are trained together with Adam (1e-4 in the paper). Runs checkpoint the
 models, the optimiser, the attack's RNG state and the step count; the batch order of every epoch is a function of
 (seed, epoch) alone, so a run resumed from a checkpoint produces the same parameters as an uninterrupted one.
+
+Data-parallel (e.g. under ``torchrun``, with an initialised torch.distributed process group): every rank takes its
+shard of each global batch of ``batch_size``, the encoder and critic are wrapped in DistributedDataParallel, and the
+bound (in the attack and in the update) runs against the negatives of the whole global batch (``gather=True``), so
+each step is the single-process step on the whole batch, up to floating point. Rank 0 alone writes checkpoints and
+shows progress; every rank resumes from the same file.
 """
 from __future__ import annotations
 
@@ -14,13 +20,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .critics import Critic, CriticConfig
 from .models import Encoder, EncoderConfig
 from .utils import check_schedule, epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
-from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
+from .worst_case import AttackConfig, MIConfig, global_mean, mi_estimate, worst_case_batch
 
 MODES = ("infomax", "worst-case")
 CHECKPOINT_KIND = "rmi_fast.robust.encoder"
@@ -84,34 +92,50 @@ def make_optimizer(encoder: nn.Module, critic: nn.Module, lr: float) -> torch.op
 
 
 def train_step(encoder: Encoder, critic: Critic, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               config: EncoderTrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+               config: EncoderTrainConfig, generator: torch.Generator | None = None, *, gather=False) -> torch.Tensor:
     """One update on the batch x (B, C, H, W): the worst-case batch for mode "worst-case" (Algorithm 1 against the
-    current critic), the clean one for "infomax"; then an ascent step on Î. Returns the batch's Î (0-d, detached)."""
-    if config.mode == "worst-case":
-        x = worst_case_batch(encoder, critic, x, config.attack, config.mi, generator=generator)
+    current critic), the clean one for "infomax"; then an ascent step on Î. Returns the batch's Î (0-d, detached).
+
+    gather: data-parallel: x is this rank's shard, encoder and critic are DistributedDataParallel wrappers (their
+    gradient averaging makes the update the whole batch's) and the returned Î is the whole batch's.
+    """
+    if config.mode == "worst-case":  # the attack touches no parameter gradients: the bare modules, no DDP hooks
+        x = worst_case_batch(_unwrap(encoder), _unwrap(critic), x, config.attack, config.mi, generator=generator,
+                             gather=gather)
     encoder.train()
     critic.train()
     optimizer.zero_grad(set_to_none=True)
-    mi = mi_estimate(encoder, critic, x, config.mi)
+    mi = mi_estimate(encoder, critic, x, config.mi, gather=gather)
     (-mi).backward()
     optimizer.step()
-    return mi.detach()
+    return global_mean(mi.detach(), gather) if gather else mi.detach()
 
 
 def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: str | torch.device = "cpu",
                   checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 0, resume: bool = True,
-                  stop_after: int | None = None, show_progress: bool = False) -> EncoderRun:
+                  stop_after: int | None = None, show_progress: bool = False,
+                  distributed: bool | None = None) -> EncoderRun:
     """Train an encoder and its critic on ``images`` (N, C, H, W) in [0, 1].
 
     checkpoint: file written after every ``checkpoint_every`` steps (0: at the end of each epoch) and at the end;
         with ``resume`` an existing file of the same config is continued from its step.
     stop_after: stop once this many steps are done (an interruption, for tests and time-boxed runs).
+    distributed: data-parallel over the ranks of the default process group (see the module docstring); None → when
+        torch.distributed is initialised with more than one rank. Every rank must call this with the same arguments;
+        the global batch ``batch_size`` must be divisible by the number of ranks.
     Batches are full (a short last batch is dropped: the bound depends on B); an epoch has N // batch_size steps.
     """
     device = resolve_device(device)
     _check_images(images, config.encoder)
     n = images.shape[0]
     batch = min(config.batch_size, n)
+    rank, world = _data_parallel(distributed)
+    if batch % world:
+        raise ValueError(f"the global batch of {batch} images (batch_size={config.batch_size}, {n} images) does not "
+                         f"split evenly over {world} data-parallel ranks: use a batch_size divisible by {world}")
+    shard = batch // world
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     per_epoch = steps_per_epoch(n, batch)
     total = config.epochs * per_epoch
     every = checkpoint_every or per_epoch
@@ -121,19 +145,28 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
     step, history = 0, []
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         step, history = _restore(checkpoint, config, encoder, critic, optimizer, generator)
+    models = (encoder, critic)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        models = tuple(DistributedDataParallel(m, device_ids=ids) for m in models)
     images = images.to(device)
-    bar = progress(total=total, desc=f"train {config.mode} encoder", enabled=show_progress)
+    main = rank == 0
+    bar = progress(total=total, desc=f"train {config.mode} encoder", enabled=show_progress and main)
     bar.update(step)
     while step < total and (stop_after is None or step < stop_after):
         epoch, k = divmod(step, per_epoch)
-        idx = epoch_order(n, config.seed, epoch)[k * batch:(k + 1) * batch].to(device)
-        mi = train_step(encoder, critic, optimizer, images[idx], config, generator)
+        idx = epoch_order(n, config.seed, epoch)[k * batch:(k + 1) * batch]
+        idx = idx[rank * shard:(rank + 1) * shard].to(device)
+        mi = train_step(*models, optimizer, images[idx], config, generator, gather=world > 1)
         history.append(float(mi))
         step += 1
         bar.update(1)
         bar.set_postfix(mi=f"{history[-1]:.3f}", refresh=False)
         if checkpoint is not None and (step % every == 0 or step == total):
-            _save(checkpoint, config, encoder, critic, optimizer, generator, step, total, history)
+            if main:
+                _save(checkpoint, config, encoder, critic, optimizer, generator, step, total, history)
+            if world > 1:  # the file is complete before any rank goes on (and, at the end, returns)
+                dist.barrier()
     bar.close()
     encoder.eval()
     critic.eval()
@@ -188,6 +221,23 @@ def default_train_config(dataset: str, mode: str, **overrides) -> EncoderTrainCo
 
 
 # ---------------------------------------------------------------------------------------------------- internals
+
+def _data_parallel(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) of the data-parallel run: (0, 1) for a single process."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = initialised and dist.get_world_size() > 1
+    if not distributed:
+        return 0, 1
+    if not initialised:
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group (e.g. launch with "
+                           "torchrun and call torch.distributed.init_process_group)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
 
 def _check_images(images: torch.Tensor, enc: EncoderConfig) -> None:
     want = (enc.in_channels, enc.image_size, enc.image_size)

@@ -5,6 +5,11 @@
 where Î is the critic's batch-level bound. The inner minimum is found by PGD-ℓ∞ on the whole batch at once: sign
 steps of size α on −Î, projection to the ε-ball around the clean batch and to [0, 1], models in eval mode, no
 random start by default, the best (lowest-MI) iterate kept.
+
+Data-parallel (``gather``): each rank perturbs its shard of the global batch and the bound runs against the negatives
+of every rank. The objective's value is the whole batch's (the mean over ranks, so every rank keeps the same best
+iterate), and the gradient reaching a rank's shard is W × the whole-batch gradient (rmi_fast.distributed): a positive
+factor, so the sign steps are the single-process ones.
 """
 from __future__ import annotations
 
@@ -75,25 +80,59 @@ class AttackConfig:
 
 
 def mi_estimate(encoder: nn.Module, critic: nn.Module, x: torch.Tensor, mi: MIConfig, *,
-                detach_local: bool = False) -> torch.Tensor:
-    """Î(X; g(X)) on a batch: x (B, C, H, W) → 0-d tensor (nats for dv/infonce)."""
-    return critic(x, encoder(x), bound=mi.bound, diagonal=mi.diagonal, backend=mi.backend, detach_local=detach_local)
+                detach_local: bool = False, gather=False) -> torch.Tensor:
+    """Î(X; g(X)) on a batch: x (B, C, H, W) → 0-d tensor (nats for dv/infonce).
+
+    gather: True (or a ProcessGroup): x is this rank's shard and the negatives are the rows of every rank; the value
+    is this rank's anchors' part (the mean over ranks is the whole batch's Î), see ``rmi_fast.mi_bound``.
+    """
+    kwargs = dict(gather=gather) if gather else {}
+    return critic(x, encoder(x), bound=mi.bound, diagonal=mi.diagonal, backend=mi.backend, detach_local=detach_local,
+                  **kwargs)
+
+
+def global_mean(value: torch.Tensor, gather) -> torch.Tensor:
+    """The mean over ranks of a per-rank value, keeping the value's own gradient (a straight-through all-reduce)."""
+    import torch.distributed as dist
+
+    from rmi_fast.distributed import process_group
+
+    group, _, world = process_group(gather)
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return value + (total / world - value.detach())
 
 
 def worst_case_batch(encoder: nn.Module, critic: nn.Module, x: torch.Tensor, attack: AttackConfig, mi: MIConfig,
-                     *, generator: torch.Generator | None = None) -> torch.Tensor:
+                     *, generator: torch.Generator | None = None, gather=False) -> torch.Tensor:
     """X' ≈ argmin over the ε-ball of Î(X'; g(X')) for a fixed critic: (B, C, H, W) → (B, C, H, W), detached.
 
     Models are put in eval mode for the attack and restored afterwards; parameter gradients are not touched.
+    gather: x is this rank's shard of a data-parallel batch and the attack minimises the whole batch's bound (see
+    the module docstring; pass the unwrapped modules, not DistributedDataParallel). Random starts then draw from a
+    per-rank generator seeded from ``generator``, so they are not those of a single-process run.
     """
     from rmi_fast.attacks import pgd
 
     if not attack.active:
         return x.detach()
+    if gather and generator is not None and (attack.random_start or attack.restarts > 1):
+        generator = _rank_generator(generator, gather)
 
     def objective(x_adv: torch.Tensor) -> torch.Tensor:  # PGD maximises: −Î, so the MI goes down
-        return -mi_estimate(encoder, critic, x_adv, mi, detach_local=not attack.through_input_branch)
+        value = -mi_estimate(encoder, critic, x_adv, mi, detach_local=not attack.through_input_branch, gather=gather)
+        return global_mean(value, gather) if gather else value
 
     return pgd(objective, x, eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm="Linf",
                random_start=attack.random_start, restarts=attack.restarts, clamp=(0.0, 1.0), use_best=True,
                models=(encoder, critic), generator=generator)
+
+
+def _rank_generator(generator: torch.Generator, gather) -> torch.Generator:
+    """A generator for this rank's random starts, seeded from the shared ``generator`` (which advances the same way
+    on every rank) and the rank."""
+    from rmi_fast.distributed import process_group
+
+    _, rank, _ = process_group(gather)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=generator.device).manual_seed((seed * 1_000_003 + rank) % 2 ** 63)
