@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .checks import check_values
+
 __all__ = ["NORMS", "apgd", "apgd_checkpoints", "eval_mode", "gradient_masking_check", "pgd"]
 
 NORMS = ("Linf", "L2")
@@ -84,9 +86,10 @@ def _check_input(x, clamp: tuple[float, float] | None) -> torch.Tensor:
     if x.dim() == 0:
         raise ValueError("x must have a leading batch dimension, shape (N, ...), got a 0-d tensor")
     x = x.detach()
-    if clamp is not None and x.numel() and (x.min() < clamp[0] or x.max() > clamp[1]):
-        raise ValueError(f"x has values in [{x.min().item():.4g}, {x.max().item():.4g}], outside clamp={clamp}; "
-                         "pass inputs in that range (e.g. unnormalised images) or clamp=None")
+    if clamp is not None and x.numel():
+        check_values(((x >= clamp[0]) & (x <= clamp[1])).all(),
+                     f"x has values outside clamp={clamp}; pass inputs in that range (e.g. unnormalised images) or "
+                     "clamp=None", lambda: f"; x spans [{x.min().item():.4g}, {x.max().item():.4g}]")
     return x
 
 

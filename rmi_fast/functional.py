@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, distributed
+from .checks import check_values
 from .ops.pairwise import pair_reduce
 from .ops.spec import PairSpec
 
@@ -140,13 +141,9 @@ def _check_index_tensor(name: str, t, rows: int, like: torch.Tensor, what: str) 
 
 def _check_targets(targets, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
     targets = _check_index_tensor("targets", targets, za.shape[0], za, "class indices into the rows of zb")
-    # A value check costs a device-to-host sync on an accelerator: it is done where it is free (CPU, eager); on a
-    # GPU an out-of-range index trips the gather kernel's own device-side assertion instead.
-    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
-        C = zb.shape[0]
-        if bool((targets < 0).any()) or bool((targets >= C).any()):
-            raise ValueError(f"targets must lie in [0, C) = [0, {C}) (C = rows of zb), got values in "
-                             f"[{int(targets.min())}, {int(targets.max())}]")
+    C = zb.shape[0]
+    check_values(((targets >= 0) & (targets < C)).all(), f"targets must lie in [0, C) = [0, {C}) (C = rows of zb)",
+                 lambda: f", got values in [{int(targets.min())}, {int(targets.max())}]")
     return targets
 
 

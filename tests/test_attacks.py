@@ -300,6 +300,7 @@ def _run(**overrides):
     (lambda: _run(x=_x.numpy()), TypeError, "x must be a torch.Tensor"),
     (lambda: _run(x=(_x * 10).long()), TypeError, "x must be a floating-point tensor"),
     (lambda: _run(x=_x + 2), ValueError, "outside clamp"),
+    (lambda: _run(x=torch.where(_x > 0.5, float("nan"), _x)), ValueError, "outside clamp"),
     (lambda: apgd(lambda z: z.sum(), _x, eps=0.1, steps=2), ValueError, "per-sample losses"),
     (lambda: apgd(lambda z: z.sum(1), _x, eps=0.1, steps=2, rho=1.5), ValueError, "rho must be in [0, 1]"),
     (lambda: gradient_masking_check([("pgd", "high")]), TypeError, "must be a real number"),

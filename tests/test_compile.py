@@ -1,8 +1,9 @@
 """Models using the losses compile with torch.compile(fullgraph=True), and no fused op syncs with the host.
 
 fullgraph=True fails on any graph break, so a successful compile also shows that the Python around the kernels has
-no .item() and no branch on a tensor's value. On a GPU the forward and backward of every loss run under
-torch.cuda.set_sync_debug_mode("error") and are captured in a CUDA graph.
+no .item() and no branch on a tensor's value. Meta tensors have shapes but no values, so running every loss and attack
+on them shows, on any machine, that nothing reads a value to the host (what would sync a GPU). On a GPU the forward
+and backward of every loss run under torch.cuda.set_sync_debug_mode("error") and are captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import rmi_fast as rf
+from rmi_fast.attacks import apgd, pgd
 
 N, D_IN, D = 12, 10, 8
 
@@ -88,6 +90,29 @@ def test_fullgraph_inductor_infonce():
     torch._dynamo.reset()
     for a, b in zip(run(torch.compile(step, fullgraph=True)), ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_losses_and_attacks_read_no_values_on_meta_tensors():
+    """Any .item(), bool(tensor), .tolist() or data-dependent shape raises on a meta tensor."""
+    model = Model().to("meta")
+    inputs = [t.to("meta") for t in _inputs()]
+    model(*inputs).backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.is_meta
+    x, key = inputs[0], model.encoder(inputs[1]).detach()
+
+    def batch_bound(x_adv):
+        return -rf.mi_bound(model.encoder(x_adv), key, "dv")
+
+    def per_sample(x_adv):
+        return -rf.mi_bound(model.encoder(x_adv), key, "jsd", reduction="none")
+
+    for norm in ("Linf", "L2"):
+        for use_best in (False, True):
+            assert pgd(batch_bound, x, eps=0.1, alpha=0.02, steps=2, norm=norm, random_start=True, restarts=2,
+                       use_best=use_best, models=model).is_meta
+            assert pgd(per_sample, x, eps=0.1, alpha=0.02, steps=2, norm=norm, per_sample=True,
+                       use_best=use_best).is_meta
+        assert apgd(per_sample, x, eps=0.1, steps=6, norm=norm, restarts=2).is_meta
 
 
 # ------------------------------------------------------------------------------------------------------- GPU only
