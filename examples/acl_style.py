@@ -13,9 +13,9 @@ The defaults gave a linear probe of 0.983 natural / 0.700 PGD-10 accuracy at ε 
 
 The NT-Xent of one step, forward + backward, 2N = 8192 rows of D = 128 (a large-batch SimCLR shape), fp32, against
 the same loss written by hand on the materialised matrix (examples/measure_losses.py, median of 5; a 2-core AMD EPYC
-x86 VM shared with other jobs, torch 2.13 CPU, backend "auto" = the C++ kernels):
-    hand-written  5392 ms, peak memory +867 MB
-    rmi_fast      1351 ms, peak memory  +62 MB     (4.0x faster, 14x less memory)
+x86 VM with AVX2, torch 2.13 CPU, backend "auto" = the C++ kernels):
+    hand-written  1751 ms, peak memory +879 MB
+    rmi_fast       729 ms, peak memory  +67 MB     (2.4x faster, 13x less memory)
 At this script's default batch (2N = 256 rows) the loss is a negligible part of a step; the encoder dominates.
 """
 import argparse
