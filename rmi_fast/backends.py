@@ -37,7 +37,11 @@ class Backend:
 
     def why_not(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
         """Why this backend cannot serve these inputs (None when it can)."""
-        return self.unavailable()
+        return self.unavailable() or self.rejects(x, y, spec)
+
+    def rejects(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
+        """Why these inputs lie outside what the backend serves where it is available (None when they do not)."""
+        return None
 
     def stats(self, x, y, scale, spec: PairSpec) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -46,10 +46,7 @@ class CppBackend(Backend):
     def unavailable(self) -> str | None:
         return self._reason
 
-    def why_not(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
-        reason = self.unavailable()
-        if reason is not None:
-            return reason
+    def rejects(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
         if x.device.type != "cpu" or y.device.type != "cpu":
             return f"the C++ kernels take CPU tensors, got {x.device} and {y.device}"
         if x.dtype == torch.float64 or y.dtype == torch.float64:

@@ -60,10 +60,7 @@ class CudaBackend(Backend):
             return "no CUDA device is visible"
         return None
 
-    def why_not(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
-        reason = self.unavailable()
-        if reason is not None:
-            return reason
+    def rejects(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
         if x.device.type != "cuda" or y.device.type != "cuda":
             return f"it serves CUDA tensors, got {x.device} and {y.device}"
         if x.device != y.device:

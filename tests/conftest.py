@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -35,3 +36,19 @@ def tolerance(dtype: torch.dtype) -> dict:
     """Absolute/relative tolerance of a backend result in ``dtype`` against the fp64 oracle."""
     return {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-4, rtol=2e-4)}.get(
         dtype, dict(atol=3e-2, rtol=3e-2))
+
+
+@pytest.fixture
+def torch_threads():
+    """torch.set_num_threads for one test; the previous thread count comes back afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on loopback, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -39,12 +39,9 @@ def cpp():
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _threads(torch_threads):
     """Two threads so that partitions and their reductions are exercised; restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+    torch_threads(2)
 
 
 def _embeddings(shape, seed, scale=1.0):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 
 import pytest
 import torch
@@ -148,17 +147,11 @@ def _worker(rank, world, port, names):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world, names", [
     (2, list(CASES)),
     (3, ["infonce", "infonce_symmetric_smoothed", "nt_xent", "supcon", "dv", "jsd"]),  # fewer: 3 processes, 2 cores
 ])
-def test_gather_matches_the_whole_batch(world, names):
+def test_gather_matches_the_whole_batch(world, names, free_port):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(world, _free_port(), names), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port, names), nprocs=world, join=True)

@@ -21,12 +21,9 @@ ATTACK = AttackConfig(eps=0.1, alpha=0.025, steps=3)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(torch_threads):
     """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch_threads(1)
 
 
 def _images(n=24, seed=0):

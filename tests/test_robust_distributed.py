@@ -10,7 +10,6 @@ split over the ranks is a clear error.
 from __future__ import annotations
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -84,18 +83,9 @@ def _indivisible_worker(rank, port):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(torch_threads):
+    torch_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +94,7 @@ def _needs_distributed():
         pytest.skip("torch.distributed is not available")
 
 
-def test_data_parallel_worst_case_training_matches_single_process(tmp_path):
+def test_data_parallel_worst_case_training_matches_single_process(tmp_path, free_port):
     single = train_encoder(_config(), _images())
     assert single.finished and single.step == 3
     untrained = train_encoder(_config(), _images(), stop_after=0)
@@ -113,8 +103,8 @@ def test_data_parallel_worst_case_training_matches_single_process(tmp_path):
     reference = tmp_path / "reference.pt"
     attack = worst_case_batch(single.encoder, single.critic, _images()[:16], single.config.attack, single.config.mi)
     torch.save({"params": _state(single), "history": single.history, "attack": attack}, reference)
-    mp.spawn(_train_worker, args=(_free_port(), str(tmp_path / "enc.pt"), str(reference)), nprocs=WORLD, join=True)
+    mp.spawn(_train_worker, args=(free_port, str(tmp_path / "enc.pt"), str(reference)), nprocs=WORLD, join=True)
 
 
-def test_indivisible_global_batch_is_a_clear_error():
-    mp.spawn(_indivisible_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+def test_indivisible_global_batch_is_a_clear_error(free_port):
+    mp.spawn(_indivisible_worker, args=(free_port,), nprocs=WORLD, join=True)

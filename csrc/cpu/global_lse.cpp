@@ -54,18 +54,13 @@ Grads grads_sweep(const Problem& pb, Want want, const at::Tensor& L, const at::T
   const bool clip = pb.opt.transform == Transform::clip;
   for (int64_t g = 0; g < pb.G; ++g) {
     const float Lg = L[g].item<float>(), wg = w[g].item<float>();
-    for (int64_t p = 0; p < sw.partitions(); ++p) sw.begin_group(p);
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
-      float* S = sw.scores(p, g, i0, rows);
+    sw.gradient_group(g, [&](int64_t, int64_t rows, float* S) {
       for (int64_t k = 0; k < rows; ++k) {
         float* row = S + k * pb.By;
         if (clip) ops.clipped_softmax_grad(row, pb.By, Lg, wg, pb.opt.clip);
         else ops.softmax_grad(row, pb.By, Lg, wg, nullptr, nullptr);
       }
-      sw.backprop(p, g, i0, rows);
-      sw.emit_dx(p, g, i0, rows, 1.0f);
     });
-    sw.end_group(g);
   }
   return sw.finish();
 }

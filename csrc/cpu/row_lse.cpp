@@ -68,14 +68,9 @@ Grads grads_sweep(const Problem& pb, Want want, const std::vector<at::Tensor>& s
     const float* w = weights[0][g].data_ptr<float>();
     const float* c = pb.opt.columns ? stats[1][g].data_ptr<float>() : nullptr;
     const float* v = pb.opt.columns ? weights[1][g].data_ptr<float>() : nullptr;
-    for (int64_t p = 0; p < sw.partitions(); ++p) sw.begin_group(p);
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
-      float* S = sw.scores(p, g, i0, rows);
+    sw.gradient_group(g, [&](int64_t i0, int64_t rows, float* S) {
       for (int64_t k = 0; k < rows; ++k) ops.softmax_grad(S + k * pb.By, pb.By, r[i0 + k], w[i0 + k], c, v);
-      sw.backprop(p, g, i0, rows);
-      sw.emit_dx(p, g, i0, rows, 1.0f);
     });
-    sw.end_group(g);
   }
   return sw.finish();
 }

@@ -17,21 +17,14 @@ Result row_sum(const Problem& pb, Want want, const std::vector<at::Tensor>& stat
   for (int64_t g = 0; g < pb.G; ++g) {
     float* rg = have_stats ? nullptr : r[g].data_ptr<float>();
     const float* w = weights.empty() ? nullptr : weights[0][g].data_ptr<float>();
-    for (int64_t p = 0; p < sw.partitions(); ++p) sw.begin_group(p);
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
-      float* S = sw.scores(p, g, i0, rows);
+    sw.gradient_group(g, [&](int64_t i0, int64_t rows, float* S) {  // the statistic alone when no gradient is wanted
       for (int64_t k = 0; k < rows; ++k) {
         const float wi = w ? w[i0 + k] : 1.0f;
         float* row = S + k * pb.By;
         const float sum = softplus ? ops.softplus(row, pb.By, wi, want.any()) : ops.exp_m1(row, pb.By, wi, want.any());
         if (rg) rg[i0 + k] = sum;
       }
-      if (want.any()) {
-        sw.backprop(p, g, i0, rows);
-        sw.emit_dx(p, g, i0, rows, 1.0f);
-      }
     });
-    sw.end_group(g);
   }
   return {{r}, sw.finish()};
 }

@@ -117,6 +117,7 @@ void Sweep::begin_group(int64_t p) {
 }
 
 void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float* row_factor) {
+  if (!want_.any()) return;
   Workspace& w = ws_[p];
   at::Tensor Gt = w.S.narrow(0, 0, rows);
   if (pb_.opt.diagonal != Diagonal::include) {

@@ -103,6 +103,21 @@ class Sweep {
     });
   }
 
+  // One group of the plain three-pass gradient sweep: every row tile's scores S (rows × By) are turned into the
+  // gradient tile in place by tile(i0, rows, S), which may also read statistics off them, then pushed through the
+  // two GEMMs (backprop, emit_dx with factor 1); the partitions' dy partials are summed at the end.
+  template <class Tile>
+  void gradient_group(int64_t g, Tile&& tile) {
+    for (int64_t p = 0; p < P_; ++p) begin_group(p);
+    for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+      float* S = scores(p, g, i0, rows);
+      tile(i0, rows, S);
+      backprop(p, g, i0, rows);
+      emit_dx(p, g, i0, rows, 1.0f);
+    });
+    end_group(g);
+  }
+
   // Partition p's tile of rows [i0, i0 + rows) of group g: S = scale·x·yᵀ, clamped for the "clip" transform, the
   // diagonal patched (excluded → −inf, which every reduction and every gradient formula maps to 0; zero → 0).
   // Returns the row-major tile, leading dimension By.
@@ -111,8 +126,8 @@ class Sweep {
   // Starts a group: clears partition p's dy partial (call inside for_blocks' partition, or before it).
   void begin_group(int64_t p);
 
-  // With the gradient tile G = diag(f)·E, E in workspace(p).S and the row factors f (all 1 when null): zeroes E on
-  // the diagonal (for exclude/zero), then
+  // With the gradient tile G = diag(f)·E, E in workspace(p).S and the row factors f (all 1 when null): when any
+  // gradient is wanted, zeroes E on the diagonal (for exclude/zero), then
   //   dxraw = diag(f)·(E·y_g)  (when dx or dscale is wanted)   and   dy_p += Eᵀ·(diag(f)·x_block)  (when dy is),
   // so a per-row factor costs O(rows·D), not a pass over the tile.
   void backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float* row_factor = nullptr);

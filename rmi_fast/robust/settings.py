@@ -2,7 +2,7 @@
 the schedule of each stage (epochs, learning rates), chosen so the full protocol fits the hardware it targets."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,6 @@ _SCHEDULES = {
                    head_lr=3e-3, threads=1),
 }
 
-#: Attack overrides for the protocol, where the data module's default does not suit it (see the comment per entry).
-_ATTACK_OVERRIDES: dict[str, dict] = {}
-
 
 def dataset_settings(name: str, **overrides) -> ProtocolSettings:
     """The protocol settings of ``name`` (a key of :data:`rmi_fast.robust.data.DATASETS`); keyword arguments
@@ -46,10 +43,8 @@ def dataset_settings(name: str, **overrides) -> ProtocolSettings:
 
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
-    d = DATASETS[name]
-    base = dict(name=name, channels=d.channels, image_size=d.image_size, num_classes=d.num_classes, eps=d.eps,
-                alpha=d.alpha, steps=d.steps, batch_size=d.batch_size)
-    base.update(_SCHEDULES.get(name, {}))
-    base.update(_ATTACK_OVERRIDES.get(name, {}))
-    settings = ProtocolSettings(**base)
+    info = DATASETS[name]
+    # the data's shape and attack, as the data module states them; then the stage schedule
+    base = {f.name: getattr(info, f.name) for f in fields(ProtocolSettings) if hasattr(info, f.name)}
+    settings = ProtocolSettings(**base, **_SCHEDULES.get(name, {}))
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -48,10 +48,7 @@ class TritonBackend(Backend):
             return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)"
         return None
 
-    def why_not(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
-        reason = self.unavailable()
-        if reason is not None:
-            return reason
+    def rejects(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} is not supported (float32, bfloat16, float16; use 'cpp' or 'torch' for float64)"
         if x.device.type == "cuda":
