@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "DatasetInfo", "Split", "load_dataset", "read_idx"]
+__all__ = ["DATASETS", "DataShape", "DatasetInfo", "Split", "load_dataset", "read_idx"]
 
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
+class DataShape:
     """Shapes of a dataset and the ℓ∞ attack the paper uses on it (PGD: ``steps`` sign steps of ``alpha``)."""
 
     name: str
@@ -46,6 +46,12 @@ class DatasetInfo:
     alpha: float
     steps: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo(DataShape):
+    """A dataset's shape and attack, and where its files are."""
+
     #: files per split, relative to the data folder
     train_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from .data import DATASETS, DataShape
+
 
 @dataclass(frozen=True)
-class ProtocolSettings:
-    name: str
-    channels: int
-    image_size: int
-    num_classes: int
-    eps: float
-    alpha: float
-    steps: int
-    batch_size: int = 128
+class ProtocolSettings(DataShape):
     encoder_epochs: int = 100
     encoder_lr: float = 1e-4          # Adam 1e-4: the paper
     critic_width: int | None = None   # None: the architecture's default (2048; 512 for 8×8 images)
@@ -39,12 +33,10 @@ _SCHEDULES = {
 def dataset_settings(name: str, **overrides) -> ProtocolSettings:
     """The protocol settings of ``name`` (a key of :data:`rmi_fast.robust.data.DATASETS`); keyword arguments
     replace fields (None values are ignored, so unset CLI flags keep the defaults)."""
-    from .data import DATASETS
-
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
     info = DATASETS[name]
     # the data's shape and attack, as the data module states them; then the stage schedule
-    base = {f.name: getattr(info, f.name) for f in fields(ProtocolSettings) if hasattr(info, f.name)}
+    base = {f.name: getattr(info, f.name) for f in fields(DataShape)}
     settings = ProtocolSettings(**base, **_SCHEDULES.get(name, {}))
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
