@@ -1,8 +1,9 @@
 """Capability-checked dispatch.
 
 A backend implements the kernel contract of :mod:`rmi_fast.ops.spec` and says, for given inputs, whether it can
-serve them or why not. ``backend="auto"`` takes the first capable backend in the device's preference order that is
-worth using at this size; an explicit backend that cannot serve raises with its reason; when nothing fits, every
+serve them or why not. ``backend="auto"`` takes the backend measured fastest for the shape on this device (its tuned
+table, :mod:`rmi_fast.tuning`) when it can serve, else the first capable backend in the device's preference order
+that is worth using at this size; an explicit backend that cannot serve raises with its reason; when nothing fits, every
 backend's reason is reported.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 import torch
 
+from . import tuning
 from .ops.spec import PairSpec
 
 
@@ -28,7 +30,7 @@ class Backend:
     name = "?"
     #: True when :meth:`stats_and_grads` computes the statistics and the unit-weight gradients in one sweep.
     fused = False
-    #: "auto" uses this backend only when Bx·By is at least this (the measured crossover with eager).
+    #: Without a tuned table for the device, "auto" uses this backend only when Bx·By is at least this.
     min_pairs_auto = 0
 
     def unavailable(self) -> str | None:
@@ -149,11 +151,18 @@ def select(name: str, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> Backe
     pairs = x.shape[1] * y.shape[1]
     candidates = preference(x.device)
     _load(",".join(candidates))
+    # The device's tuned table (rmi_fast.tuning) names the backend measured fastest at the nearest shape: it goes
+    # first, and the measurement replaces the default crossovers. Without a table: preference order and crossovers.
+    measured = tuning.fastest_backend(x, y, spec)
+    if measured not in candidates:  # no table, or a backend "auto" never uses on this device type
+        measured = None
+    else:
+        candidates = (measured,) + tuple(c for c in candidates if c != measured)
     for candidate in candidates:
         backend = get(candidate)
         reason = backend.why_not(x, y, spec)
-        if reason is None and pairs < backend.min_pairs_auto:
-            reason = f"below its measured crossover ({pairs} < {backend.min_pairs_auto} score pairs)"
+        if reason is None and measured is None and pairs < backend.min_pairs_auto:
+            reason = f"below its default crossover ({pairs} < {backend.min_pairs_auto} score pairs)"
         if reason is None:
             return backend
         reasons[candidate] = reason

@@ -81,14 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.plot:
             bench.render_plot(result, args.plot, scaling=str(result.get("suite", "")).endswith("scaling"))
         return 0
-    device = args.device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("rmi-fast bench: error: --device cuda, but no CUDA device is available")
-    elif device != "cpu":
-        raise SystemExit(f"rmi-fast bench: error: --device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    device = _device_arg("bench", args.device)
     if args.quick and device != "cpu":
         raise SystemExit("rmi-fast bench: error: --quick is the short CPU run; use --cases to shorten a GPU run")
     if args.list:
@@ -134,6 +127,68 @@ def _add_bench(sub) -> None:
     p.add_argument("--from-json", metavar="FILE", help="render a saved report (table, --markdown, --plot); no run")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.set_defaults(func=_bench)
+
+
+# ------------------------------------------------------------------------------------------------------------ tune
+
+def _device_arg(command: str, device: str) -> str:
+    """The --device of a measuring command, checked: cpu, or cuda[:N] where CUDA is available."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"rmi-fast {command}: error: --device cuda, but no CUDA device is available")
+    elif device != "cpu":
+        raise SystemExit(f"rmi-fast {command}: error: --device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return device
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rmi_fast import tuning
+    from rmi_fast.bench import tune
+
+    if args.from_json:
+        try:
+            table = tune.table_from_report(args.from_json)
+        except ValueError as exc:
+            raise SystemExit(f"rmi-fast tune: error: --from-json {exc}") from None
+    else:
+        device = _device_arg("tune", args.device)
+        report = tune.tune(device=device, quick=args.quick, kernels=args.kernels or tuning.KERNELS,
+                           budget_s=args.budget, max_time_s=args.max_time, json_path=args.json, command=sys.argv)
+        table = tuning.from_json(report["table"])
+        if "stopped" in report:
+            print(f"stopped early: {report['stopped']}")
+    print(tune.summary(table))
+    path = args.table or (str(tuning.default_path(table.device)) if args.install else None)
+    if path:
+        tuning.save(table, path)
+        print(f"table written to {path}")
+    return 0
+
+
+def _add_tune(sub) -> None:
+    from rmi_fast.tuning import KERNELS
+
+    p = sub.add_parser(
+        "tune", help="measure the fastest backend and Triton backward variant per shape; write the dispatch table",
+        description="Times every backend usable on the device, and every backward variant of the Triton kernels, on "
+                    "a grid of shapes (each checked against the torch backend first) and derives the table that "
+                    "backend='auto' follows on this device (rmi_fast/tuned/<device>.json).")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--quick", action="store_true", help="a few tiny shapes: checks the machinery in seconds")
+    p.add_argument("--kernels", type=_csv("kernels", KERNELS), metavar="K[,K...]",
+                   help=f"measure only these kernels ({', '.join(KERNELS)}; default all)")
+    p.add_argument("--budget", type=_positive(float), metavar="S",
+                   help="start no new shape after S seconds (the report and table keep what was measured)")
+    p.add_argument("--max-time", type=_positive(float), default=0.5, metavar="S",
+                   help="stop repeating a candidate after S seconds (at least 3 repetitions; default 0.5)")
+    p.add_argument("--json", metavar="FILE", help="write the report (every measurement and the table) as JSON")
+    p.add_argument("--table", metavar="FILE", help="write the dispatch table to FILE")
+    p.add_argument("--install", action="store_true",
+                   help="write the dispatch table where rmi_fast reads it for this device (rmi_fast/tuned/)")
+    p.add_argument("--from-json", metavar="FILE", help="derive the table from a saved report; no run")
+    p.set_defaults(func=_tune)
 
 
 # ---------------------------------------------------------------------------------------- the paper's system
@@ -363,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_info(sub)
     _add_bench(sub)
+    _add_tune(sub)
     _add_paper(sub)
     return parser
 

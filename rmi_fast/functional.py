@@ -79,13 +79,13 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
         return scale.to(dtype)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:  # comparisons, not math.isfinite: they trace under torch.compile(dynamic=True)
         raise ValueError(f"{name} must be finite, got {scale}")
     return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 

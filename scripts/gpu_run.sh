@@ -8,8 +8,12 @@
 #   5. the scaling curves (symmetric infonce_loss against B and D) → JSON, PNG.
 # Everything lands in $OUT (default ./gpu_out): gpu_run.log (every step's output and status), junit_gpu.xml,
 # bench_gpu.json/.png/.md, bench_gpu_scaling.json/.png. A failing step is logged and the script goes on.
+# The second mode, tune, runs steps 1–2 and then `rmi-fast tune --device cuda` → tune_gpu.json (every measurement)
+# and tuned_<device key>.json (the dispatch table: commit it as rmi_fast/tuned/<device key>.json, the report under
+# benchmarks/results/).
 #
 #   bash scripts/gpu_run.sh                  run everything (on the GPU machine)
+#   bash scripts/gpu_run.sh tune             measure the dispatch table (on the GPU machine)
 #   bash scripts/gpu_run.sh --fetch-wheels   here, with internet: download the wheels the GPU machine needs into .whl/
 #
 # Environment: RMI_FAST_GPU_BUDGET_S (total seconds, default 540), RMI_FAST_CUDA_ARCH (default: the device's, e.g. 90),
@@ -30,11 +34,12 @@ fetch_wheels() {
   echo "now carry .whl in the device run (carry: [\".whl\"]) and run: bash scripts/gpu_run.sh"
 }
 
-if [ "${1:-}" = "--fetch-wheels" ]; then
+MODE=${1:-all}
+if [ "$MODE" = "--fetch-wheels" ]; then
   fetch_wheels
   exit $?
-elif [ -n "${1:-}" ]; then
-  echo "usage: bash scripts/gpu_run.sh [--fetch-wheels]" >&2
+elif [ "$MODE" != all ] && [ "$MODE" != tune ]; then
+  echo "usage: bash scripts/gpu_run.sh [tune | --fetch-wheels]" >&2
   exit 2
 fi
 
@@ -147,6 +152,17 @@ scaling() {
     --max-time 1 --json "$OUT/bench_gpu_scaling.json" --plot "$OUT/bench_gpu_scaling.png"
 }
 
+# The report is rewritten after every shape and the table derived from what was measured, so a stopped run still
+# leaves a usable table.
+tune() {
+  local key
+  key=$("$PY" -c "import torch; from rmi_fast import tuning; print(tuning.device_key(tuning.device_name('cuda')))")
+  local budget=$(($(left) - 60))
+  [ "$budget" -lt 10 ] && budget=10
+  "$PY" -m rmi_fast.cli tune --device cuda --budget "$budget" --json "$OUT/tune_gpu.json" \
+    --table "$OUT/tuned_$key.json"
+}
+
 # The JSON is rewritten after every case, so a run stopped by its limit still has rows: render what it has.
 render() {
   local json=$1 png=$2 md=${3:-}
@@ -156,16 +172,23 @@ render() {
   "$PY" -m rmi_fast.cli bench --from-json "$json" --plot "$png" "${extra[@]}"
 }
 
-echo "rmi_fast GPU run: budget ${BUDGET}s, output in $OUT" | tee -a "$LOG"
+finish() {
+  echo "=== done in $(($(date +%s) - START))s; files:" | tee -a "$LOG"
+  ls -l "$OUT" | tee -a "$LOG"
+  exit 0
+}
+
+echo "rmi_fast GPU run ($MODE): budget ${BUDGET}s, output in $OUT" | tee -a "$LOG"
 RESERVE=400 step "venv" 90 make_venv
 [ -x "$PY" ] || { echo "no venv: going on with $BASE_PY" | tee -a "$LOG"; PY=$BASE_PY; }
 RESERVE=330 step "build (CUDA)" 240 build
+if [ "$MODE" = tune ]; then
+  RESERVE=0 step "tune" "$BUDGET" tune
+  finish
+fi
 RESERVE=240 step "GPU tests" 150 gpu_tests
 RESERVE=70 step "benchmarks" 400 bench || RESERVE=0 step "render benchmarks" 40 render "$OUT/bench_gpu.json" \
   "$OUT/bench_gpu.png" "$OUT/bench_gpu.md"
 RESERVE=15 step "scaling" 300 scaling || RESERVE=0 step "render scaling" 30 render "$OUT/bench_gpu_scaling.json" \
   "$OUT/bench_gpu_scaling.png"
-
-echo "=== done in $(($(date +%s) - START))s; files:" | tee -a "$LOG"
-ls -l "$OUT" | tee -a "$LOG"
-exit 0
+finish

@@ -6,18 +6,8 @@ import platform
 
 import torch
 
+from ..tuning import cpu_model
 from . import impls
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> list[str]:
@@ -40,7 +30,7 @@ def device_info(device: str) -> dict:
         return {"type": "cuda", "name": props.name, "sm_count": props.multi_processor_count,
                 "memory_gb": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}",
                 "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
-    return {"type": "cpu", "name": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"type": "cpu", "name": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "simd": _cpu_flags()}
 
 

@@ -110,13 +110,13 @@ def ours_reference(case: Case, device: str, inputs: dict) -> tuple[float, list] 
     return None
 
 
-def _free(device: str) -> None:
+def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
     text = f"{type(exc).__name__}: {exc}".strip()
@@ -203,11 +203,11 @@ class Runner:
             except Exception as exc:  # recorded in the rows: one failing implementation does not stop the run
                 for r in impl_rows:
                     if r["median_ms"] is None:
-                        r["error"] = _error_text(exc) if not isinstance(exc, _Mismatch) else f"mismatch: {exc}"
+                        r["error"] = error_text(exc) if not isinstance(exc, _Mismatch) else f"mismatch: {exc}"
                 _progress(f"    {impl.name:<20} error: {impl_rows[-1].get('error')}")
             finally:
                 fn = None
-                _free(o.device)
+                free_memory(o.device)
         if o.memory and not o.device.startswith("cuda") and timed:
             self._cpu_memory(case, rows, timed)
         derive(rows, case)
@@ -231,7 +231,7 @@ class Runner:
         except Exception as exc:
             for r in rows:
                 if r["impl"] in timed:
-                    r["memory_error"] = _error_text(exc)
+                    r["memory_error"] = error_text(exc)
             return
         for r in rows:
             res = probe["results"].get(r["impl"], {})

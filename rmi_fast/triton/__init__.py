@@ -26,7 +26,7 @@ def _family(name: str):
 class TritonBackend(Backend):
     """Fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
 
-    backward: "auto" (:func:`rmi_fast.triton.backward.choose_plan` picks by shape) or one of "two_pass",
+    backward: "auto" (the device's tuned table, else :func:`rmi_fast.triton.backward.choose_plan`) or one of "two_pass",
     "atomic", "split" to force a variant; split: the number of chunks of the "split" variant (None: chosen by shape).
     """
 
@@ -34,7 +34,8 @@ class TritonBackend(Backend):
     #: row_sum computes statistic and gradient in one sweep, row_lse (no columns, two-pass plan) its statistic and dx;
     #: otherwise stats then grads.
     fused = True
-    #: "auto" prefers cuBLAS + eager below this many score pairs. PLACEHOLDER (≈ 2048²): measure on an H100.
+    #: On a GPU without a tuned table, "auto" prefers cuBLAS + eager below this many score pairs (a first-principles
+    #: guess, ≈ 2048²; `rmi-fast tune` measures the real crossover).
     min_pairs_auto = 2048 * 2048
 
     def __init__(self, backward: str = "auto", split: int | None = None):

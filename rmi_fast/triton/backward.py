@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, mma, \
     score_tile, stat_buffer, tile_config
 
@@ -196,8 +197,8 @@ def sweep_kernel(
 
 VARIANTS = ("two_pass", "atomic", "split")
 
-# Default thresholds of choose_plan. NOT YET MEASURED: they are first-principles placeholders and must be
-# re-measured on an H100 (and H200) with `rmi-fast bench` before they are trusted.
+# Thresholds of choose_plan, the fallback on a device without a tuned table (`rmi-fast tune` writes one; see
+# rmi_fast.tuning). First-principles values, not measured.
 #: aim for at least this many programs per pass (≈ 4 per SM of a 132-SM H100) before splitting sweeps
 TARGET_PROGRAMS = 4 * 132
 #: (b) keeps dy in an fp32 atomic buffer; use it while that buffer (By·D·4 bytes per group) stays L2-resident
@@ -341,11 +342,18 @@ def _own_mode(operand: torch.Tensor, G: int, split: int, deterministic: bool) ->
 
 
 def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> Plan:
-    """The given plan, validated, or :func:`choose_plan`'s for these shapes."""
+    """The given plan, validated; else the plan measured fastest at the nearest shape on this device (its tuned
+    table, :mod:`rmi_fast.tuning`), else :func:`choose_plan`'s for these shapes."""
     if plan is None:
         G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
         cfg = tile_config(D, x.device)
-        plan = choose_plan(Bx, By, D, G, spec.deterministic, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"])
+        measured = tuning.triton_plan(x, y, spec)
+        if measured is not None:
+            variant, split = measured
+            # a split measured at a larger shape: no more chunks than either sweep has blocks
+            plan = Plan(variant, max(1, min(split, triton.cdiv(min(Bx, By), cfg["BLOCK_N"]))))
+        else:
+            plan = choose_plan(Bx, By, D, G, spec.deterministic, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"])
     check_plan(plan, spec.deterministic)
     return plan
 
