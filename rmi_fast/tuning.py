@@ -182,35 +182,34 @@ def default_path(name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _table_for_name(name: str, override: str) -> Table | None:
+def _table(device: str, override: str) -> Table | None:
     if override == "off":
         return None
-    path = Path(override) if override else default_path(name)
+    path = Path(override) if override else default_path(device_name(device))
     if not override and not path.exists():
         return None
     return load(path)
 
 
 def table_for(device: torch.device | str) -> Table | None:
-    """The tuned table of a device (None when it has none or tables are off)."""
-    return _table_for_name(device_name(device), os.environ.get("RMI_FAST_TUNED", ""))
+    """The tuned table of a device (None when it has none or tables are off); read once per device."""
+    return _table(str(torch.device(device)), os.environ.get("RMI_FAST_TUNED", ""))
 
 
 def clear_cache() -> None:
-    _table_for_name.cache_clear()
-    _lookup_backend.cache_clear()
+    _table.cache_clear()
+    _lookup.cache_clear()
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup_backend(device: str, kernel: str, bits: int, octaves: tuple[int, int, int, int],
-                    deterministic: bool) -> str:
+def _lookup(device: str, kernel: str, bits: int, octaves: tuple[int, int, int, int], deterministic: bool,
+            with_plan: bool) -> Entry | None:
     table = table_for(device)
     if table is None:
-        return ""
+        return None
     # an octave [2^k, 2^(k+1)) is represented by its middle, log2 = k + 1/2
     bx, by, d, g = (k + 0.5 for k in octaves)
-    entry = table.nearest(kernel, bits, bx + by, d, g, deterministic)
-    return "" if entry is None else entry.backend
+    return table.nearest(kernel, bits, bx + by, d, g, deterministic, with_plan)
 
 
 # The arguments are plain ints and strings and the result is a constant for them, so torch.compile runs the lookup
@@ -218,7 +217,8 @@ def _lookup_backend(device: str, kernel: str, bits: int, octaves: tuple[int, int
 @torch.compiler.assume_constant_result
 def _fastest_backend(device: str, kernel: str, bits: int, octaves: tuple[int, int, int, int],
                      deterministic: bool) -> str:
-    return _lookup_backend(device, kernel, bits, octaves, deterministic)
+    entry = _lookup(device, kernel, bits, octaves, deterministic, False)
+    return "" if entry is None else entry.backend
 
 
 def octave(n) -> int:
@@ -230,21 +230,20 @@ def octave(n) -> int:
     return k
 
 
+def _shape_key(x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> tuple:
+    """What a lookup keys on: device, kernel, precision class, octaves of Bx, By, D and G, determinism."""
+    G = max(x.shape[0], y.shape[0])
+    octaves = (octave(x.shape[1]), octave(y.shape[1]), octave(x.shape[2]), octave(G))
+    return str(x.device), kernel_of(spec), bits_of(x.dtype), octaves, bool(spec.deterministic)
+
+
 def fastest_backend(x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
     """The backend measured fastest for inputs of this size (by octave of Bx, By, D and G) on their device; None
     without a table."""
-    G = max(x.shape[0], y.shape[0])
-    octaves = (octave(x.shape[1]), octave(y.shape[1]), octave(x.shape[2]), octave(G))
-    name = _fastest_backend(str(x.device), kernel_of(spec), bits_of(x.dtype), octaves, bool(spec.deterministic))
-    return name or None
+    return _fastest_backend(*_shape_key(x, y, spec)) or None
 
 
 def triton_plan(x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> tuple[str, int] | None:
     """(variant, split) of the Triton backward measured fastest at the nearest shape; None without a table."""
-    table = table_for(x.device)
-    if table is None:
-        return None
-    G = max(x.shape[0], y.shape[0])
-    entry = table.nearest(kernel_of(spec), bits_of(x.dtype), math.log2(x.shape[1] * y.shape[1]),
-                          math.log2(x.shape[2]), math.log2(G), spec.deterministic, with_plan=True)
+    entry = _lookup(*_shape_key(x, y, spec), True)
     return None if entry is None else (entry.plan, entry.split)

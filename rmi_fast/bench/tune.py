@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import backends, tuning
 from ..ops.spec import PairSpec
 from . import env, measure
-from .runner import TOLERANCE, error_text, free_memory
+from .runner import TOLERANCE, error_text, free_memory, gradient_error
 
 #: the reduction each kernel is measured with (the bounds' options: DV/JSD exclude the diagonal)
 SPECS = {
@@ -151,8 +151,8 @@ def mismatch(shape: Shape, got: list[torch.Tensor], ref: list[torch.Tensor]) -> 
             if bool(bad.any()):
                 return f"{name} differs (max error {float((g - r).abs().max()):.3g})"
         else:
-            err = float((g - r).abs().max()) / (float(r.abs().max()) or 1.0)
-            if not math.isfinite(err) or err > grtol:
+            err = gradient_error(g, r)
+            if not err <= grtol:
                 return f"{name} differs (max error {err:.2g} of its largest entry)"
     return None
 
