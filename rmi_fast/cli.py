@@ -20,6 +20,8 @@ def _info(args: argparse.Namespace) -> int:
         from rmi_fast import _C
 
         print(f"compiled module: {_C.__file__} (CUDA kernels built: {bool(_C.with_cuda)})")
+        if hasattr(_C, "cpu_isa"):
+            print(f"C++ CPU kernels: {_C.cpu_isa()} elementwise passes, tile GEMMs: {_C.cpu_tile_gemm()}")
     except ImportError as exc:
         print(f"compiled module: not available ({exc})")
     print("backends:")

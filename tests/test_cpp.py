@@ -232,30 +232,55 @@ def test_capabilities(cpp):
     assert cpp.fused and cpp.name == "cpp"
 
 
-def test_portable_build_matches():
-    """The baseline-ISA build of the elementwise passes (RMI_FAST_CPU_ISA=base) agrees with the dispatched one."""
-    code = textwrap.dedent("""
-        import torch, rmi_fast._C as C
+_BUILD_SPECS = (PairSpec("row_lse", columns=True), PairSpec("global_lse", "clip", clip=1.0, diagonal="exclude"),
+                PairSpec("row_sum", "softplus", diagonal="exclude"), PairSpec("row_sum", "exp_m1"))
+
+
+@pytest.mark.parametrize("D", [9, 48])
+@pytest.mark.parametrize("isa,gemm", [("base", None), ("avx2", None), ("avx2", "blas"), (None, None),
+                                      (None, "blas")])
+def test_every_build_against_oracle(isa, gemm, D):
+    """Each instruction-set build (RMI_FAST_CPU_ISA caps the choice; a CPU without it gets the next narrower one),
+    with its register-blocked tile GEMMs (D = 48, a multiple of the vector width) or the BLAS (D = 9, or
+    RMI_FAST_CPU_GEMM=blas), agrees with the fp64 oracle. 150 rows: ragged row blocks and column panels."""
+    code = textwrap.dedent(f"""
+        import sys, torch, rmi_fast._C as C
         from rmi_fast import backends
         from rmi_fast.ops.spec import PairSpec
+        torch.set_num_threads(2)
         g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(1, 150, 9, generator=g), torch.randn(1, 150, 9, generator=g)
-        out = [C.cpu_isa()]
-        for spec in (PairSpec("row_lse", columns=True), PairSpec("global_lse", "clip", clip=1.0, diagonal="exclude"),
-                     PairSpec("row_sum", "softplus", diagonal="exclude"), PairSpec("row_sum", "exp_m1")):
+        x, y = (torch.randn(1, 150, {D}, generator=g) / {D} ** 0.5 for _ in range(2))
+        out = [C.cpu_isa(), C.cpu_tile_gemm()]
+        for spec in {_BUILD_SPECS!r}:
             st, dx, dy, ds = backends.get("cpp").stats_and_grads(x, y, torch.tensor(1.7), spec, (True, True, True))
-            out += [t.double() for t in (*st, dx, dy, ds)]
-        torch.save(out, __import__("sys").argv[1])
+            out.append([t.double() for t in (*st, dx, dy, ds)])
+        torch.save(out, sys.argv[1])
     """)
-    results = {}
-    for isa in ("base", None):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rmi_fast_isa_{os.getpid()}_{isa}.pt")
-        env = {k: v for k, v in os.environ.items() if k != "RMI_FAST_CPU_ISA"}
-        if isa:
-            env["RMI_FAST_CPU_ISA"] = isa
-        subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
-        results[isa] = torch.load(path)
-        os.remove(path)
-    assert results["base"][0] == "base"
-    for a, b in zip(results["base"][1:], results[None][1:]):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rmi_fast_isa_{os.getpid()}_{isa}_{gemm}_{D}.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("RMI_FAST_CPU_ISA", "RMI_FAST_CPU_GEMM")}
+    env.update({k: v for k, v in (("RMI_FAST_CPU_ISA", isa), ("RMI_FAST_CPU_GEMM", gemm)) if v})
+    subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+    chosen_isa, chosen_gemm, *results = torch.load(path)
+    os.remove(path)
+    if isa == "base":
+        assert chosen_isa == "base" and chosen_gemm == "blas"
+    if gemm == "blas":
+        assert chosen_gemm == "blas"
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(1, 150, D, generator=g) / D ** 0.5 for _ in range(2))
+    for spec, got in zip(_BUILD_SPECS, results):
+        stats, grads = _oracle(x, y, 1.7, spec, [torch.ones(s) for s in spec.stat_shapes(1, 150, 150)])
+        for a, b in zip(got, (*stats, *grads)):
+            torch.testing.assert_close(a, b.double().reshape(a.shape), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["infonce_sym", "dv", "smile", "jsd"])
+@pytest.mark.parametrize("G,B,D", [(1, 203, 80), (2, 37, 48), (1, 300, 16), (1, 70, 272)])
+def test_register_blocked_gemm_shapes(cpp, name, G, B, D):
+    """D a multiple of 16, so the tile GEMMs are the register-blocked ones wherever the CPU has AVX2 or AVX-512:
+    ragged row blocks, a ragged last column panel and packing strip, reductions longer than one block (B = 203, 300),
+    feature blocks of 4 vectors plus a narrower one (80 = 5 vectors, 272 = 17), a single narrow block (16, 48)."""
+    x = _embeddings((G, B, D), 11)
+    y = 0.5 * x + _embeddings((G, B, D), 12)
+    _check(cpp, x, y, 3.0, SPECS[name])
+    _check(cpp, x[:1], y, 3.0, SPECS[name])

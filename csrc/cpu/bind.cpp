@@ -47,6 +47,13 @@ void bind_cpu(py::module_& m) {
         py::arg("want_dx"), py::arg("want_dy"), py::arg("want_dscale"));
   m.def("cpu_isa", []() { return std::string(cpu::vec_ops().name); },
         "The instruction set of the elementwise passes chosen for this CPU");
+  m.def("cpu_tile_gemm", []() {
+        const cpu::GemmOps* gemm = cpu::tile_gemm(0);
+        return gemm == nullptr ? std::string("blas") : std::string(cpu::vec_ops().name) + ", D a multiple of " +
+                                                           std::to_string(gemm->lanes);
+      },
+        "Who computes the tile GEMMs: the register-blocked kernels of this instruction set (for D a multiple of the "
+        "vector width; else the BLAS) or the BLAS");
 }
 
 }  // namespace rmi_fast

@@ -39,7 +39,7 @@ at::Tensor stats_sweep(const Problem& pb) {
   at::Tensor L = at::empty({pb.G}, pb.x.options());
   for (int64_t g = 0; g < pb.G; ++g) {
     std::vector<LseAcc> accs(sw.partitions());
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+    sw.for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
       accumulate_tile(sw.ops(), accs[p], sw.scores(p, g, i0, rows), rows, pb.By, false);
     });
     L[g] = merged(accs);
@@ -87,7 +87,7 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
   for (int64_t g = 0; g < pb.G; ++g) {
     std::vector<LseAcc> accs(sw.partitions());
     for (int64_t p = 0; p < sw.partitions(); ++p) sw.begin_group(p);
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+    sw.for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
       float* S = sw.scores(p, g, i0, rows);
       // The clipped transform needs T itself for its indicator, so its E comes from a second pass.
       const float f = accumulate_tile(ops, accs[p], S, rows, pb.By, !clip);
@@ -105,7 +105,7 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
     const float Lg = merged(accs);
     L[g] = Lg;
     if (need_dxraw) {
-      sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+      sw.for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
         const float m = tile_max[i0 / R];  // −inf: the tile held nothing, its E·y is 0
         const float f = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(lse_ref(m) - Lg);
         sw.emit_dx(p, g, i0, rows, f, raw.data_ptr<float>() + i0 * pb.D);

@@ -35,7 +35,7 @@ std::vector<at::Tensor> stats_sweep(const Problem& pb) {
   for (int64_t g = 0; g < pb.G; ++g) {
     float* rg = r[g].data_ptr<float>();
     if (pb.opt.columns) for (auto& cl : cols) cl = ColumnLse(pb.By);
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+    sw.for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
       float* S = sw.scores(p, g, i0, rows);
       for (int64_t k = 0; k < rows; ++k) {
         float* row = S + k * pb.By;
@@ -91,7 +91,7 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
   for (int64_t g = 0; g < pb.G; ++g) {
     float* rg = r[g].data_ptr<float>();
     for (int64_t p = 0; p < sw.partitions(); ++p) sw.begin_group(p);
-    sw.for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+    sw.for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
       float* S = sw.scores(p, g, i0, rows);
       float inv_sum[kMaxBlockRows];
       for (int64_t k = 0; k < rows; ++k) {

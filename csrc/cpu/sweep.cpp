@@ -78,7 +78,7 @@ void LseAcc::merge(const LseAcc& other) {
   sum = a + b;
 }
 
-Sweep::Sweep(const Problem& pb, Want want) : pb_(pb), want_(want), ops_(vec_ops()) {
+Sweep::Sweep(const Problem& pb, Want want) : pb_(pb), want_(want), ops_(vec_ops()), gemm_(tile_gemm(pb.D)) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   R_ = choose_block_rows(pb.Bx, pb.By, threads);
   // Below about 2^20 multiply-adds per thread, waking the other threads costs more than it saves.
@@ -92,16 +92,35 @@ Sweep::Sweep(const Problem& pb, Want want) : pb_(pb), want_(want), ops_(vec_ops(
     if (want.dy) w.xrow = at::empty({R_, pb.D}, f32);
     if (want.dy) w.dy = at::empty({pb.By, pb.D}, f32);
   }
+  if (gemm_ != nullptr) ypack_ = at::empty({(pb.By + gemm_->panel - 1) / gemm_->panel * gemm_->panel * pb.D}, f32);
   // A broadcast operand's gradient sums over groups, so it starts at zero and accumulates.
   if (want.dx) dx_ = (pb.Gx == 1 && pb.G > 1) ? at::zeros_like(pb.x) : at::empty_like(pb.x);
   if (want.dy) dy_ = (pb.Gy == 1 && pb.G > 1) ? at::zeros_like(pb.y) : at::empty_like(pb.y);
 }
 
+void Sweep::pack_group(int64_t g) {
+  const int64_t gy = pb_.Gy == 1 ? 0 : g;
+  if (gemm_ == nullptr || packed_ == gy) return;
+  // Bᵀ for the score GEMM, panel by panel: O(By·D) once per group instead of a transposing pass inside every tile.
+  const int64_t panel = gemm_->panel, D = pb_.D;
+  const float* y = pb_.y_group(g).data_ptr<float>();
+  float* out = ypack_.data_ptr<float>();
+  at::parallel_for(0, (pb_.By + panel - 1) / panel, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      gemm_->pack(y + t * panel * D, D, std::min(panel, pb_.By - t * panel), D, out + t * panel * D);
+  });
+  packed_ = gy;
+}
+
 float* Sweep::scores(int64_t p, int64_t g, int64_t i0, int64_t rows) {
   at::Tensor S = ws_[p].S.narrow(0, 0, rows);
-  at::mm_out(S, pb_.xs_group(g).narrow(0, i0, rows), pb_.y_group(g).t());
   float* s = S.data_ptr<float>();
-  const int64_t n = pb_.By;
+  const int64_t n = pb_.By, D = pb_.D;
+  if (gemm_ != nullptr) {
+    gemm_->nt(pb_.xs_group(g).data_ptr<float>() + i0 * D, D, ypack_.data_ptr<float>(), rows, n, D, s, n);
+  } else {
+    at::mm_out(S, pb_.xs_group(g).narrow(0, i0, rows), pb_.y_group(g).t());
+  }
   for (int64_t k = 0; k < rows; ++k) {
     float* row = s + k * n;
     if (pb_.opt.transform == Transform::clip) ops_.clamp(row, n, pb_.opt.clip);
@@ -131,7 +150,11 @@ void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float
   const int64_t D = pb_.D;
   if (want_.dx || want_.dscale) {
     at::Tensor out = w.dxraw.narrow(0, 0, rows);
-    at::mm_out(out, Gt, pb_.y_group(g));
+    if (gemm_ != nullptr)
+      gemm_->nn(Gt.data_ptr<float>(), pb_.By, pb_.y_group(g).data_ptr<float>(), D, rows, D, pb_.By,
+                out.data_ptr<float>(), D, false);
+    else
+      at::mm_out(out, Gt, pb_.y_group(g));
     if (row_factor != nullptr) {
       float* o = out.data_ptr<float>();
       for (int64_t k = 0; k < rows; ++k) ops_.scale(o + k * D, D, row_factor[k]);
@@ -147,7 +170,10 @@ void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float
         for (int64_t d = 0; d < D; ++d) dst[k * D + d] = row_factor[k] * src[k * D + d];
       xb = scaled;
     }
-    w.dy.addmm_(Gt.t(), xb);
+    if (gemm_ != nullptr)
+      gemm_->tn(Gt.data_ptr<float>(), pb_.By, xb.data_ptr<float>(), D, pb_.By, D, rows, w.dy.data_ptr<float>(), D);
+    else
+      w.dy.addmm_(Gt.t(), xb);
   }
 }
 

@@ -9,7 +9,9 @@
 //   dxraw (R × D)         G·y for the tile                                           (P·R·D)
 //   xrow  (R × D)         x_block with per-row factors applied                       (P·R·D, only if dy wanted)
 //   dy    (By × D)        Σ over the partition's blocks of Gᵀ·x_block                (P·By·D, only if dy wanted)
-// plus scale·x (Bx × D, shared). The extra memory is O(P·(R + D)·By + Bx·D): nothing B×B is ever allocated.
+// plus scale·x (Bx × D, shared) and, where the tile GEMMs are the register-blocked ones of vec_ops.h, the current
+// group's y packed into column panels (By × D, shared, rounded up to whole panels). The extra memory is
+// O(P·(R + D)·By + Bx·D): nothing B×B is ever allocated.
 //
 // Determinism. Each partition visits its blocks in order and the partitions' dy and dscale partials are summed in
 // partition order, so the result depends only on the shapes and the thread count, never on scheduling: every
@@ -89,9 +91,10 @@ class Sweep {
   int64_t block_rows() const { return R_; }
   Workspace& workspace(int64_t p) { return ws_[p]; }
 
-  // Runs body(p, i0, rows) for every row block of one group, partition p's blocks in order on one thread.
+  // Runs body(p, i0, rows) for every row block of group g, partition p's blocks in order on one thread.
   template <class Body>
-  void for_blocks(Body&& body) {
+  void for_blocks(int64_t g, Body&& body) {
+    pack_group(g);
     const int64_t nblocks = (pb_.Bx + R_ - 1) / R_;
     at::parallel_for(0, P_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
@@ -109,7 +112,7 @@ class Sweep {
   template <class Tile>
   void gradient_group(int64_t g, Tile&& tile) {
     for (int64_t p = 0; p < P_; ++p) begin_group(p);
-    for_blocks([&](int64_t p, int64_t i0, int64_t rows) {
+    for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
       float* S = scores(p, g, i0, rows);
       tile(i0, rows, S);
       backprop(p, g, i0, rows);
@@ -118,7 +121,7 @@ class Sweep {
     end_group(g);
   }
 
-  // Partition p's tile of rows [i0, i0 + rows) of group g: S = scale·x·yᵀ, clamped for the "clip" transform, the
+  // Partition p's tile of rows [i0, i0 + rows) of group g (inside for_blocks(g, ...)): S = scale·x·yᵀ, clamped for the "clip" transform, the
   // diagonal patched (excluded → −inf, which every reduction and every gradient formula maps to 0; zero → 0).
   // Returns the row-major tile, leading dimension By.
   float* scores(int64_t p, int64_t g, int64_t i0, int64_t rows);
@@ -146,7 +149,13 @@ class Sweep {
   const Problem& pb_;
   Want want_;
   const VecOps& ops_;
+  const GemmOps* gemm_;  // the register-blocked tile GEMMs, or null: at::mm
+  at::Tensor ypack_;     // with gemm_: one group of y as gemm_->pack's panels
+  int64_t packed_ = -1;  // the group of y in ypack_
   int64_t P_, R_;
+
+  // Packs group g of y into ypack_ for the score GEMM, unless it is there already (always, when y is broadcast).
+  void pack_group(int64_t g);
   std::vector<Workspace> ws_;
   at::Tensor dx_, dy_;
 };

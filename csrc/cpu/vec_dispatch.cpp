@@ -28,4 +28,12 @@ const VecOps& vec_ops() {
   return chosen;
 }
 
+const GemmOps* tile_gemm(int64_t D) {
+  static const GemmOps* chosen = [] {
+    const char* choice = std::getenv("RMI_FAST_CPU_GEMM");
+    return choice != nullptr && std::strcmp(choice, "blas") == 0 ? nullptr : vec_ops().gemm;
+  }();
+  return chosen != nullptr && D % chosen->lanes == 0 ? chosen : nullptr;
+}
+
 }  // namespace rmi_fast::cpu

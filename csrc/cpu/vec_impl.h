@@ -18,7 +18,13 @@ typedef int32_t vi __attribute__((vector_size(RMI_VEC_BYTES)));
 constexpr int64_t W = RMI_VEC_BYTES / 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-inline vf splat(float a) { return vf{} + a; }
+// A broadcast: through the integer lanes, where adding 0 is the identity the compiler folds away (vf{} + a would
+// cost a float add, since −0 + 0 = +0).
+inline vf splat(float a) {
+  int32_t bits;
+  std::memcpy(&bits, &a, sizeof bits);
+  return (vf)(vi{} + bits);
+}
 inline vf load(const float* p) {
   vf v;
   std::memcpy(&v, p, sizeof v);
@@ -243,10 +249,15 @@ void add_exp(float* acc, const float* s, const float* m, int64_t n) {
 }
 
 }  // namespace
+}  // namespace rmi_fast::cpu::RMI_VEC_ISA
+
+#include "gemm_impl.h"
+
+namespace rmi_fast::cpu::RMI_VEC_ISA {
 
 const VecOps& ops() {
   static const VecOps table{
-      RMI_VEC_NAME, row_max, exp_sum, scale,      softmax_grad, clamp,  clipped_softmax_grad,
+      RMI_VEC_NAME, RMI_VEC_GEMM, row_max, exp_sum, scale,      softmax_grad, clamp,  clipped_softmax_grad,
       exp_m1,           softplus, max_into, rescale, add_exp,
   };
   return table;

@@ -1,0 +1,218 @@
+// The three tile GEMMs of sweep.h (see GemmOps in vec_ops.h), register-blocked for one instruction set: included by
+// vec_impl.h, whose vector type vf (W lanes) and load/store helpers it uses. Single-threaded: each partition of a
+// sweep calls them on its own tile.
+//
+// Register blocking. Every kernel keeps an MR × NV block of vector accumulators (MR rows, NV vectors of W columns)
+// and, per step of the reduction, loads NV vectors of one operand and broadcasts MR scalars of the other:
+// MR·NV FMAs for MR + NV loads. With 32 vector registers (AVX-512) the blocks hold 24 accumulators, with 16 (AVX2)
+// 12: enough independent FMA chains to cover the FMA latency on both pipes, with registers left for the operands.
+//
+//   nt:  C = A·Bᵀ, vectorised along C's columns: B is packed once per group of y (Sweep::pack_group) into panels of NT_NV·W columns
+//        (k × panel floats each, columns contiguous), so a step loads NT_NV contiguous vectors of the panel and
+//        broadcasts one element of each of MR rows of A. Used for the score tile: A = scale·x (rows × D), B = y.
+//   nn:  C (+)= A·B and tn: C += Aᵀ·B, vectorised along C's columns = the feature dimension D, which must be a
+//        multiple of W (B's rows are contiguous there, so B needs no packing). The reduction runs in blocks of NN_KC
+//        steps and the columns in blocks of NN_NV vectors, so the block of B being read (NN_KC × NN_NV·W floats,
+//        32 KiB with AVX-512) stays in L1 for all of A's rows. tn packs A (see gemm_tn).
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace rmi_fast::cpu::RMI_VEC_ISA {
+namespace {
+
+#if RMI_VEC_BYTES >= 64
+constexpr int kAccumulators = 24;
+#else
+constexpr int kAccumulators = 12;
+#endif
+constexpr int NT_NV = 2;                                    // vectors per panel row
+constexpr int NT_MR = kAccumulators / NT_NV;                // rows of A per block
+constexpr int64_t kPanel = NT_NV * W;                       // panel width in columns
+constexpr int NN_NV = kAccumulators >= 24 ? 4 : 2;          // widest column block of nn/tn, in vectors
+constexpr int NN_MR = kAccumulators / NN_NV;                // rows of a full nn/tn block
+constexpr int64_t NN_KC = 128;                              // reduction block: NN_KC × NN_NV·W floats of B in L1
+
+// Rows per block for a column block of nv vectors: about kAccumulators accumulators.
+constexpr int rows_for(int nv) { return std::max(1, kAccumulators / nv); }
+
+// Calls f(std::integral_constant<int, n>) for a runtime n in [1, N].
+template <int N, class F>
+inline void with_count(int n, F&& f) {
+  if constexpr (N > 0) {
+    if (n == N) f(std::integral_constant<int, N>{});
+    else with_count<N - 1>(n, f);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------ nt
+
+void pack_panels(const float* B, int64_t ldb, int64_t n, int64_t k, float* P) {
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    float* panel = P + (j0 / kPanel) * k * kPanel;
+    const int64_t cols = std::min(kPanel, n - j0);
+    for (int64_t d = 0; d < k; ++d) {
+      for (int64_t c = 0; c < cols; ++c) panel[d * kPanel + c] = B[(j0 + c) * ldb + d];
+      for (int64_t c = cols; c < kPanel; ++c) panel[d * kPanel + c] = 0.0f;
+    }
+  }
+}
+
+// One MR × kPanel block of C = A·Bᵀ: rows [0, MR) of A (leading dim lda), one packed panel, `cols` valid columns.
+template <int MR>
+inline void nt_block(const float* A, int64_t lda, const float* panel, int64_t k, float* C, int64_t ldc, int64_t cols) {
+  vf acc[MR][NT_NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NT_NV; ++v) acc[i][v] = splat(0.0f);
+  for (int64_t d = 0; d < k; ++d) {
+    vf b[NT_NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NT_NV; ++v) b[v] = load(panel + d * kPanel + v * W);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      const vf a = splat(A[i * lda + d]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NT_NV; ++v) acc[i][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NT_NV; ++v) {
+      const int64_t c0 = v * W;
+      if (c0 + W <= cols) store(C + i * ldc + c0, acc[i][v]);
+      else if (c0 < cols) store_tail(C + i * ldc + c0, cols - c0, acc[i][v]);
+    }
+}
+
+void gemm_nt(const float* A, int64_t lda, const float* P, int64_t m, int64_t n, int64_t k, float* C, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const float* panel = P + (j0 / kPanel) * k * kPanel;
+    const int64_t cols = std::min(kPanel, n - j0);
+    int64_t i = 0;
+    for (; i + NT_MR <= m; i += NT_MR) nt_block<NT_MR>(A + i * lda, lda, panel, k, C + i * ldc + j0, ldc, cols);
+    if (i < m) {
+      with_count<NT_MR - 1>(static_cast<int>(m - i), [&](auto mr) {
+        nt_block<decltype(mr)::value>(A + i * lda, lda, panel, k, C + i * ldc + j0, ldc, cols);
+      });
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------ nn and tn
+
+// One MR × NV-vector block of C (+)= Σ_{s < k} a(i, s)·B[s, :], with a(i, s) = A[i·ai + s·as] — A itself (nn:
+// ai = lda, as = 1) or Aᵀ (tn: ai = 1, as = lda). The operand with fewer registers is held across the other's
+// loop: MR broadcasts when NV > MR, else NV loads.
+template <int MR, int NV>
+inline void nn_block(const float* A, int64_t ai, int64_t as, const float* B, int64_t ldb, int64_t k, float* C,
+                     int64_t ldc, bool accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? load(C + i * ldc + v * W) : splat(0.0f);
+  for (int64_t s = 0; s < k; ++s) {
+    const float* a = A + s * as;
+    const float* b = B + s * ldb;
+    if constexpr (NV > MR) {
+      vf av[MR];
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) av[i] = splat(a[i * ai]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const vf bv = load(b + v * W);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) acc[i][v] += av[i] * bv;
+      }
+    } else {
+      vf bv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) bv[v] = load(b + v * W);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        const vf av = splat(a[i * ai]);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) store(C + i * ldc + v * W, acc[i][v]);
+}
+
+// All rows [0, m) of one column block of NV vectors, in blocks of MR rows and one smaller; row block i starts at
+// A + i·next (its rows then follow a(i, s) = A[i·ai + s·as] as in nn_block).
+template <int MR, int NV>
+inline void nn_columns(const float* A, int64_t next, int64_t ai, int64_t as, const float* B, int64_t ldb, int64_t m,
+                       int64_t k, float* C, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) nn_block<MR, NV>(A + i * next, ai, as, B, ldb, k, C + i * ldc, ldc, accumulate);
+  if (i < m) {
+    with_count<MR - 1>(static_cast<int>(m - i), [&](auto mr) {
+      nn_block<decltype(mr)::value, NV>(A + i * next, ai, as, B, ldb, k, C + i * ldc, ldc, accumulate);
+    });
+  }
+}
+
+// Calls f(v0, nv) over the n / W vector columns: blocks of nv = NN_NV vectors, then one narrower (nv a constant).
+template <class F>
+inline void for_column_blocks(int64_t n, F&& f) {
+  const int64_t nvec = n / W;
+  int64_t v0 = 0;
+  for (; v0 + NN_NV <= nvec; v0 += NN_NV) f(v0, std::integral_constant<int, NN_NV>{});
+  if (v0 < nvec) with_count<NN_NV - 1>(static_cast<int>(nvec - v0), [&](auto nv) { f(v0, nv); });
+}
+
+void gemm_nn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m, int64_t n, int64_t k, float* C,
+             int64_t ldc, bool accumulate) {
+  for (int64_t s0 = 0; s0 < k; s0 += NN_KC) {
+    const int64_t kc = std::min(NN_KC, k - s0);
+    for_column_blocks(n, [&](int64_t v0, auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      nn_columns<rows_for(NV), NV>(A + s0, lda, lda, 1, B + s0 * ldb + v0 * W, ldb, m, kc, C + v0 * W, ldc,
+                                   accumulate || s0 > 0);
+    });
+  }
+}
+
+// tn reads A by columns, whose elements lie lda apart (a whole score-tile row): each strip of TN_STRIP columns is
+// first packed as blocks of NN_MR columns, each block's k rows of NN_MR contiguous floats (zero-padded), so that the
+// kernel's broadcasts stream through L1 instead of touching k cache lines at a large power-of-two stride.
+constexpr int64_t TN_STRIP = NN_MR * 16;
+
+void gemm_tn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m, int64_t n, int64_t k, float* C,
+             int64_t ldc) {
+  std::vector<float> buf(TN_STRIP * k);
+  for (int64_t j0 = 0; j0 < m; j0 += TN_STRIP) {
+    const int64_t cols = std::min(TN_STRIP, m - j0);
+    if (cols < TN_STRIP) std::fill(buf.begin(), buf.end(), 0.0f);
+    for (int64_t s = 0; s < k; ++s) {
+      const float* row = A + s * lda + j0;
+      float* dst = buf.data() + s * NN_MR;
+      for (int64_t c0 = 0; c0 < cols; c0 += NN_MR, dst += k * NN_MR)
+        std::copy_n(row + c0, std::min<int64_t>(NN_MR, cols - c0), dst);
+    }
+    for (int64_t s0 = 0; s0 < k; s0 += NN_KC) {
+      const int64_t kc = std::min(NN_KC, k - s0);
+      for_column_blocks(n, [&](int64_t v0, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        nn_columns<NN_MR, NV>(buf.data() + s0 * NN_MR, k, 1, NN_MR, B + s0 * ldb + v0 * W, ldb, cols, kc,
+                              C + j0 * ldc + v0 * W, ldc, true);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+const GemmOps& gemm_ops() {
+  static const GemmOps table{kPanel, W, pack_panels, gemm_nt, gemm_nn, gemm_tn};
+  return table;
+}
+
+}  // namespace rmi_fast::cpu::RMI_VEC_ISA
