@@ -7,9 +7,9 @@
 // MR·NV FMAs for MR + NV loads. With 32 vector registers (AVX-512) the blocks hold 24 accumulators, with 16 (AVX2)
 // 12: enough independent FMA chains to cover the FMA latency on both pipes, with registers left for the operands.
 //
-//   nt:  C = A·Bᵀ, vectorised along C's columns: B is packed once per group of y (Sweep::pack_group) into panels of NT_NV·W columns
-//        (k × panel floats each, columns contiguous), so a step loads NT_NV contiguous vectors of the panel and
-//        broadcasts one element of each of MR rows of A. Used for the score tile: A = scale·x (rows × D), B = y.
+//   nt:  C = A·Bᵀ, vectorised along C's columns: B is packed once per group of y (Sweep::pack_group) into panels of
+//        NT_NV·W columns (k × panel floats each, columns contiguous), so a step loads NT_NV contiguous vectors of the
+//        panel and broadcasts one element of each of MR rows of A. The score tile: A = scale·x (rows × D), B = y.
 //   nn:  C (+)= A·B and tn: C += Aᵀ·B, vectorised along C's columns = the feature dimension D, which must be a
 //        multiple of W (B's rows are contiguous there, so B needs no packing). The reduction runs in blocks of NN_KC
 //        steps and the columns in blocks of NN_NV vectors, so the block of B being read (NN_KC × NN_NV·W floats,
