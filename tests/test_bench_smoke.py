@@ -70,6 +70,7 @@ def test_rerender_from_json(quick_run, tmp_path, capsys):
     (["bench", "--repeats", "0"], "expected a positive int"),
     (["bench", "--plot", "out.pdf"], "must end in .png"),
     (["bench", "--cases", "no-such-case"], "matches no case"),
+    (["bench", "--impls", "rmi_fast*,no-such-impl"], "--impls no-such-impl matches no implementation"),
     (["bench", "--device", "tpu"], "--device must be"),
     (["bench", "--quick", "--device", "cuda"], None),
 ])
@@ -88,3 +89,10 @@ def test_registry_names_are_unique_and_every_impl_is_findable():
         assert len(names) == len(set(names))
     for impl in impls.registry():
         assert impls.find(impl.name) is impl.__class__ or impls.find(impl.name).name == impl.name
+
+
+def test_impl_patterns_take_exact_names_and_globs():
+    """"rmi_fast[cpp]" is also a glob (its brackets match one character): the exact name selects it."""
+    assert impls.matches("rmi_fast[cpp]", ["rmi_fast[cpp]"])
+    assert impls.matches("rmi_fast[cpp]", ["rmi_fast*"]) and impls.matches("eager", ["torch.compile", "eag*"])
+    assert not impls.matches("rmi_fast[torch]", ["rmi_fast[cpp]"]) and not impls.matches("eager", ["compile"])

@@ -121,8 +121,9 @@ class Sweep {
     end_group(g);
   }
 
-  // Partition p's tile of rows [i0, i0 + rows) of group g (inside for_blocks(g, ...)): S = scale·x·yᵀ, clamped for the "clip" transform, the
-  // diagonal patched (excluded → −inf, which every reduction and every gradient formula maps to 0; zero → 0).
+  // Partition p's tile of rows [i0, i0 + rows) of group g (inside for_blocks(g, ...)): S = scale·x·yᵀ, clamped for
+  // the "clip" transform, the diagonal patched (excluded → −inf, which every reduction and every gradient formula
+  // maps to 0; zero → 0).
   // Returns the row-major tile, leading dimension By.
   float* scores(int64_t p, int64_t g, int64_t i0, int64_t rows);
 

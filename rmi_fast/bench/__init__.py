@@ -31,6 +31,13 @@ def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, ca
     if not selected:
         names = ", ".join(c.name for c in cases_mod.SUITES[suite])
         raise ValueError(f"--cases {','.join(case_patterns)} matches no case of suite {suite!r}; its cases: {names}")
+    if impl_patterns:
+        from .impls import matches, registry
+
+        known = [i.name for i in registry()]
+        unmatched = [p for p in impl_patterns if not any(matches(name, [p]) for name in known)]
+        if unmatched:
+            raise ValueError(f"--impls {','.join(unmatched)} matches no implementation; known: {', '.join(known)}")
     if passes is None:
         passes = ("fwd+bwd",) if quick or scaling else cases_mod.PASSES
     opts = runner.Options(

@@ -9,6 +9,8 @@ backward pass.
 """
 from __future__ import annotations
 
+import fnmatch
+
 import importlib
 import importlib.metadata
 import math
@@ -360,6 +362,12 @@ def for_case(case: Case, device: str) -> list[Impl]:
     order = backends.preference("cuda" if _is_cuda(device) else "cpu")
     ours = sorted((i for i in impls if isinstance(i, Ours)), key=lambda i: order.index(i.backend))
     return ours + [i for i in impls if not isinstance(i, Ours)]
+
+
+def matches(name: str, patterns) -> bool:
+    """Whether an implementation name is selected by --impls patterns: the exact name, or a glob (the exact name
+    first, since "rmi_fast[cpp]" is also a glob whose brackets match a single character)."""
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def find(name: str) -> Impl:

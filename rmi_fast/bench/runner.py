@@ -21,7 +21,7 @@ import torch
 
 from . import env, measure
 from .cases import Case, make_inputs
-from .impls import Impl, Ours, baseline_name, for_case
+from .impls import Impl, Ours, baseline_name, for_case, matches
 
 #: (atol, rtol) of a value and rtol of the gradients (max |g − g_ours| / max |g_ours|) against ours, per dtype.
 #: Loose enough for TF32 peers and bf16 eager, tight enough to catch a different function.
@@ -162,13 +162,9 @@ class Runner:
 
     # ---------------------------------------------------------------------------------------------------------
     def _impls(self, case: Case) -> list[Impl]:
-        import fnmatch
-
         impls = for_case(case, self.opts.device)
         pats = self.opts.impl_patterns
-        if pats:
-            impls = [i for i in impls if any(fnmatch.fnmatchcase(i.name, p) for p in pats)]
-        return impls
+        return [i for i in impls if matches(i.name, pats)] if pats else impls
 
     def run_case(self, case: Case) -> list[dict]:
         o = self.opts
