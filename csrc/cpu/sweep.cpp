@@ -41,9 +41,9 @@ Options make_options(const std::string& transform, double clip, const std::strin
 namespace {
 
 // Rows per tile: about 4 MiB of tile (128 rows at By = 8192), between 16 and kMaxBlockRows rows, and enough blocks
-// to give every thread work. Measured at B = 8192, D = 128: 128 rows beat 64 and 32 by 6–10%: the tile GEMMs run at
-// full single-core speed from 32 rows on, but fewer tiles mean fewer rank-R updates of the (By × D) dy partial and
-// fewer re-packings of y inside the GEMMs; 256 rows gained nothing more.
+// to give every thread work. Measured at B = 8192, D = 128: with the BLAS, 128 rows beat 64 and 32 by 6–10%; with
+// the register-blocked GEMMs (AVX-512, a tile no longer fits L2 either way) by 20–35%, and 16 rows lose 40%: fewer
+// tiles mean fewer rank-R updates of the (By × D) dy partial. 256 rows gained nothing more in either.
 int64_t choose_block_rows(int64_t Bx, int64_t By, int64_t threads) {
   int64_t r = (4 * 1024 * 1024 / 4) / std::max<int64_t>(By, 1);
   r = std::clamp<int64_t>(r, 16, kMaxBlockRows);
