@@ -154,11 +154,11 @@ class Sweep {
   at::Tensor ypack_;     // with gemm_: one group of y as gemm_->pack's panels
   int64_t packed_ = -1;  // the group of y in ypack_
   int64_t P_, R_;
+  std::vector<Workspace> ws_;
+  at::Tensor dx_, dy_;
 
   // Packs group g of y into ypack_ for the score GEMM, unless it is there already (always, when y is broadcast).
   void pack_group(int64_t g);
-  std::vector<Workspace> ws_;
-  at::Tensor dx_, dy_;
 };
 
 // Parses the string options of rmi_fast.ops.spec.PairSpec.
