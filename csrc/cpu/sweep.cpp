@@ -215,11 +215,17 @@ void Sweep::end_group(int64_t g, const std::vector<float>& factors) {
     if (!factors.empty()) f[p] = factors[p];
   }
   const float scale = pb_.scale;
-  at::parallel_for(0, pb_.By * pb_.D, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      float acc = 0.0f;
-      for (int64_t p = 0; p < P_; ++p) acc += f[p] * parts[p][e];  // partition order: deterministic
-      out[e] = (accumulate ? out[e] : 0.0f) + scale * acc;
+  // Chunks of 2^16 elements: a small group's sum runs on the calling thread, without waking the others.
+  at::parallel_for(0, pb_.By * pb_.D, 1 << 16, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kStrip = 1024;  // the partials are summed strip by strip, each pass over a strip vectorised
+    float acc[kStrip];
+    for (int64_t e0 = begin; e0 < end; e0 += kStrip) {
+      const int64_t n = std::min(kStrip, end - e0);
+      for (int64_t e = 0; e < n; ++e) acc[e] = f[0] * parts[0][e0 + e];
+      for (int64_t p = 1; p < P_; ++p)  // partition order: deterministic
+        for (int64_t e = 0; e < n; ++e) acc[e] += f[p] * parts[p][e0 + e];
+      float* o = out + e0;
+      for (int64_t e = 0; e < n; ++e) o[e] = (accumulate ? o[e] : 0.0f) + scale * acc[e];
     }
   });
 }
