@@ -103,9 +103,9 @@ void gemm_nt(const float* A, int64_t lda, const float* P, int64_t m, int64_t n, 
 
 // ------------------------------------------------------------------------------------------------------ nn and tn
 
-// One MR × NV-vector block of C (+)= Σ_{s < k} a(i, s)·B[s, :], with a(i, s) = A[i·ai + s·as] — A itself (nn:
-// ai = lda, as = 1) or Aᵀ (tn: ai = 1, as = lda). The operand with fewer registers is held across the other's
-// loop: MR broadcasts when NV > MR, else NV loads.
+// One MR × NV-vector block of C (+)= Σ_{s < k} a(i, s)·B[s, :], with a(i, s) = A[i·ai + s·as]: A itself (nn:
+// ai = lda, as = 1) or a packed block of Aᵀ (tn: ai = 1, as = NN_MR). The operand with fewer registers is held
+// across the other's loop: MR broadcasts when NV > MR, else NV loads.
 template <int MR, int NV>
 inline void nn_block(const float* A, int64_t ai, int64_t as, const float* B, int64_t ldb, int64_t k, float* C,
                      int64_t ldc, bool accumulate) {
@@ -181,8 +181,9 @@ void gemm_nn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m
 }
 
 // tn reads A by columns, whose elements lie lda apart (a whole score-tile row): each strip of TN_STRIP columns is
-// first packed as blocks of NN_MR columns, each block's k rows of NN_MR contiguous floats (zero-padded), so that the
-// kernel's broadcasts stream through L1 instead of touching k cache lines at a large power-of-two stride.
+// first packed as blocks of NN_MR columns, each block's k rows of NN_MR contiguous floats (a last, narrower block
+// is read only as far as it is filled), so that the kernel's broadcasts stream through L1 instead of touching k
+// cache lines at a large power-of-two stride.
 constexpr int64_t TN_STRIP = NN_MR * 16;
 
 void gemm_tn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m, int64_t n, int64_t k, float* C,
@@ -190,7 +191,6 @@ void gemm_tn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m
   std::vector<float> buf(TN_STRIP * k);
   for (int64_t j0 = 0; j0 < m; j0 += TN_STRIP) {
     const int64_t cols = std::min(TN_STRIP, m - j0);
-    if (cols < TN_STRIP) std::fill(buf.begin(), buf.end(), 0.0f);
     for (int64_t s = 0; s < k; ++s) {
       const float* row = A + s * lda + j0;
       float* dst = buf.data() + s * NN_MR;
