@@ -48,7 +48,7 @@ void bind_cpu(py::module_& m) {
   m.def("cpu_isa", []() { return std::string(cpu::vec_ops().name); },
         "The instruction set of the elementwise passes chosen for this CPU");
   m.def("cpu_tile_gemm", []() {
-        const cpu::GemmOps* gemm = cpu::tile_gemm(0);
+        const cpu::GemmOps* gemm = cpu::tile_gemm(0);  // D = 0: a multiple of every width, so only the ISA decides
         return gemm == nullptr ? std::string("blas") : std::string(cpu::vec_ops().name) + ", D a multiple of " +
                                                            std::to_string(gemm->lanes);
       },

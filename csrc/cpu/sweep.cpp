@@ -117,6 +117,7 @@ float* Sweep::scores(int64_t p, int64_t g, int64_t i0, int64_t rows) {
   float* s = S.data_ptr<float>();
   const int64_t n = pb_.By, D = pb_.D;
   if (gemm_ != nullptr) {
+    TORCH_INTERNAL_ASSERT(packed_ == (pb_.Gy == 1 ? 0 : g), "scores() of group ", g, " outside for_blocks(", g, ")");
     gemm_->nt(pb_.xs_group(g).data_ptr<float>() + i0 * D, D, ypack_.data_ptr<float>(), rows, n, D, s, n);
   } else {
     at::mm_out(S, pb_.xs_group(g).narrow(0, i0, rows), pb_.y_group(g).t());
