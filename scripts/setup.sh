@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with torch (CPU build unless one is already installed), builds the compiled kernels and installs
-# rmi_fast with its test tools. Idempotent: re-running only rebuilds what changed.
+# rmi_fast with its test tools and the CPU bench peer torch-mist. Idempotent: re-running only rebuilds what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +13,6 @@ python -c "import torch" 2>/dev/null || pip install "torch==${RMI_FAST_TORCH_VER
 pip install setuptools wheel cmake ninja
 # --no-build-isolation: the extension must be built against the torch installed above.
 pip install --no-build-isolation -e ".[test]"
+# torch-mist pins numpy<2 without needing it: its adapter is tested and benchmarked without that pin.
+pip install --no-deps -r benchmarks/requirements-torch-mist.txt
 python -m rmi_fast.cli info

@@ -3,7 +3,7 @@
 The bench checks every peer's value and gradients against ours before timing it; these tests run that same check
 (``runner.mismatch``) through the adapters of ``rmi_fast.bench.impls`` without a GPU, so a wrong adapter is caught
 before a GPU run is spent on it. They skip unless the peer is installed (the test extra installs them).
-memeff's Triton kernels run under the interpreter once its CUDA-only guards are lifted; cut-cross-entropy runs its
+torch-mist runs on the CPU as it is (scripts/setup.sh installs it). memeff's Triton kernels run under the interpreter once its CUDA-only guards are lifted; cut-cross-entropy runs its
 own pure-PyTorch implementation (``impl="torch_compile"``) of the same function, as its kernels take pointer arguments
 the interpreter cannot; inf-cl's kernels use inline PTX, so its row log-sum-exp is computed eagerly here and the
 rest of its loss (scale, head split, positives) and our adapter are what is checked.
@@ -65,3 +65,18 @@ def test_inf_cl_adapter(case, monkeypatch):
 
 def test_memeff_refuses_the_one_directional_loss():
     assert "LiT" in impls.MemEff().why_not(Case("infonce_loss", 64, 32), "cpu")
+
+
+@pytest.mark.parametrize("op", ["infonce", "nwj", "dv", "smile"])
+def test_torch_mist_adapter(op):
+    pytest.importorskip("torch_mist")
+    case = Case(op, 64, 32)
+    assert impls.TorchMist().why_not(case, "cpu") is None
+    _agrees(impls.TorchMist(), case)
+
+
+@pytest.mark.parametrize("case, reason", [(Case("jsd", 64, 32), "positive pair included"),
+                                          (Case("dv", 64, 32, G=4), "no groups"),
+                                          (Case("nwj", 4096, 128), "B×B×D product")])
+def test_torch_mist_declines_what_it_does_not_compute(case, reason):
+    assert reason in impls.TorchMist().why_not(case, "cpu")

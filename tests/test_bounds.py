@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rmi_fast as rf
+from rmi_fast import backends
 from rmi_fast import reference as R
 
 from conftest import tolerance
@@ -105,6 +106,34 @@ def test_gradients_flow_only_where_required(backend):
     t = rf.mi_bound(x, y, "dv", scale=scale, backend=backend)
     t.backward()
     assert x.grad is not None and y.grad is None and scale.grad is None
+
+
+@pytest.mark.parametrize("used", ["rows", "columns", "neither"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_statistic_left_unused_gets_no_gradient(backend, used, fused):
+    """Only one of the row and column log-sum-exps reaches the loss (or neither, next to a term that does): the
+    gradients are those of the used one alone, against the fp64 oracle with zero weight on the other."""
+    from rmi_fast.ops.pairwise import pair_reduce
+    from rmi_fast.ops.spec import PairSpec
+
+    spec = PairSpec("row_lse", columns=True)
+    x, y = (t.unsqueeze(0).detach().requires_grad_() for t in _inputs((23, 9), (23, 9)))
+    r, c = pair_reduce(x, y, torch.tensor(2.0), spec, backend, fused=fused)
+    loss = {"rows": r.sum(), "columns": c.sum(), "neither": (x * y).sum()}[used]
+    if fused and used != "neither" and backends.get(backend).fused:
+        with pytest.raises(RuntimeError, match="fused=False"):
+            loss.backward()
+        return
+    loss.backward()
+    s64 = torch.tensor(2.0, dtype=torch.float64)
+    x64, y64 = x.detach().double(), y.detach().double()
+    stats = R.pair_stats(x64, y64, s64, spec)
+    w = [torch.full_like(stats[0], float(used == "rows")), torch.full_like(stats[1], float(used == "columns"))]
+    dx, dy, _ = R.pair_grads(x64, y64, s64, spec, stats, w, (True, True, False))
+    if used == "neither":
+        dx, dy = dx + y64, dy + x64
+    torch.testing.assert_close(x.grad.double(), dx, **tolerance(torch.float32))
+    torch.testing.assert_close(y.grad.double(), dy, **tolerance(torch.float32))
 
 
 def test_any_strides(backend):

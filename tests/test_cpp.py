@@ -90,6 +90,24 @@ def test_groups_with_a_broadcast_operand(cpp, name):
     _check(cpp, y, x, 2.0, SPECS[name])
 
 
+@pytest.mark.parametrize("name", ["infonce_sym", "infonce", "dv", "smile", "nwj", "jsd"])
+@pytest.mark.parametrize("G,broadcast", [(2, None), (4, "x"), (9, "y"), (8, "x"), (3, "x")])
+def test_groups_split_across_threads(cpp, name, G, broadcast):
+    """Where the groups divide among the threads (G = 2, 4, 8 on two; G = 9 ≥ 4·2 in uneven chunks), each thread
+    sweeps whole groups alone; G = 3 cuts every group's rows instead. Both agree with the oracle, fused and given
+    the statistics, and with one thread, whichever operand is broadcast."""
+    spec = SPECS[name]
+    x = _embeddings((1 if broadcast == "x" else G, 40, 16), 13)
+    y = 0.5 * x + _embeddings((1 if broadcast == "y" else G, 40, 16), 14)
+    _check(cpp, x, y, 3.0, spec)
+    s = torch.tensor(3.0)
+    two = cpp.stats_and_grads(x, y, s, spec, (True, True, True))
+    torch.set_num_threads(1)
+    one = cpp.stats_and_grads(x, y, s, spec, (True, True, True))
+    for a, b in zip([*two[0], *two[1:]], [*one[0], *one[1:]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fused_equals_unfused(cpp, name):
     spec = SPECS[name]
@@ -135,13 +153,16 @@ def test_diagonal_offset(cpp, family, transform, diagonal, offset):
     _check(cpp, x, y, 2.0, spec)
 
 
+@pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("name", ["infonce_sym", "dv", "smile", "jsd", "nwj"])
-def test_bitwise_repeatable(cpp, name):
+def test_bitwise_repeatable(cpp, name, G):
+    """G = 4 on two threads: the groups are split across the threads, a broadcast x's gradient summed over them."""
     spec = SPECS[name]
-    x = _embeddings((1, 700, 40), 10)
-    y = _embeddings((1, 700, 40), 11)
+    B = 700 // G
+    x = _embeddings((1, B, 40), 10)
+    y = _embeddings((G, B, 40), 11)
     s = torch.tensor(5.0)
-    w = _weights(spec, 1, 700, 700)
+    w = _weights(spec, G, B, B)
     for _ in range(2):
         runs = [(cpp.stats_and_grads(x, y, s, spec, (True, True, True)),
                  cpp.grads(x, y, s, spec, cpp.stats(x, y, s, spec), w, (True, True, True))) for _ in range(3)]

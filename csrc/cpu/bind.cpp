@@ -28,10 +28,12 @@ py::tuple pair_reduce(at::Tensor x, at::Tensor y, double scale, const std::strin
   {
     py::gil_scoped_release no_gil;
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // the custom op owns the autograd; tiles are plain buffers
-    if (family == "row_lse") res = cpu::row_lse(pb, want, stats, weights);
-    else if (family == "global_lse") res = cpu::global_lse(pb, want, stats, weights);
-    else if (family == "row_sum") res = cpu::row_sum(pb, want, stats, weights);
+    cpu::Family run = nullptr;
+    if (family == "row_lse") run = cpu::row_lse;
+    else if (family == "global_lse") run = cpu::global_lse;
+    else if (family == "row_sum") run = cpu::row_sum;
     else TORCH_CHECK(false, "unknown family ", family);
+    res = cpu::by_groups(run, pb, want, stats, weights);
   }
   auto opt = [](const at::Tensor& t) -> py::object { return t.defined() ? py::cast(t) : py::none(); };
   py::object dscale = want_dscale ? py::object(py::float_(res.grads.dscale)) : py::object(py::none());

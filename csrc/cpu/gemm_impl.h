@@ -47,13 +47,49 @@ inline void with_count(int n, F&& f) {
 
 // ------------------------------------------------------------------------------------------------------------ nt
 
+// One stage of an in-register W × W transpose: rows r and r + b (bit b of r clear) trade the lanes whose bit b differs
+// from theirs, which swaps bit b of the row index with bit b of the lane index of every element. The stages for
+// b = 1, 2, …, W/2 together swap all bits: a transpose in log2(W)·W two-source shuffles, no memory round trip.
+template <int b>
+inline void transpose_stage(vf* a) {
+  vi lo, hi;
+  for (int l = 0; l < W; ++l) {
+    lo[l] = (l & b) ? W + (l ^ b) : l;  // lane l of row r: its own where bit b is clear, else row r + b's lane l − b
+    hi[l] = (l & b) ? W + l : (l | b);  // lane l of row r + b: row r's lane l + b where bit b is clear, else its own
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < W; ++r) {
+    if (r & b) continue;
+    const vf x = a[r], y = a[r | b];
+    a[r] = __builtin_shuffle(x, y, lo);
+    a[r | b] = __builtin_shuffle(x, y, hi);
+  }
+  if constexpr (2 * b < W) transpose_stage<2 * b>(a);
+}
+
+// out[d·ldo + c] = in[c·ldi + d] for a W × W block.
+inline void transpose_block(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  vf a[W];
+#pragma GCC unroll 16
+  for (int r = 0; r < W; ++r) a[r] = load(in + r * ldi);
+  transpose_stage<1>(a);
+#pragma GCC unroll 16
+  for (int r = 0; r < W; ++r) store(out + r * ldo, a[r]);
+}
+
 void pack_panels(const float* B, int64_t ldb, int64_t n, int64_t k, float* P) {
   for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
     float* panel = P + (j0 / kPanel) * k * kPanel;
-    const int64_t cols = std::min(kPanel, n - j0);
-    for (int64_t d = 0; d < k; ++d) {
-      for (int64_t c = 0; c < cols; ++c) panel[d * kPanel + c] = B[(j0 + c) * ldb + d];
-      for (int64_t c = cols; c < kPanel; ++c) panel[d * kPanel + c] = 0.0f;
+    // The panel's columns in slices of W rows of B: whole W × W blocks transposed in registers, the rest (a ragged
+    // k, the rows of a last, narrower panel and its zero padding) element by element.
+    for (int64_t c0 = 0; c0 < kPanel; c0 += W) {
+      const int64_t rows = std::clamp<int64_t>(n - j0 - c0, 0, W);
+      const float* src = B + (j0 + c0) * ldb;
+      int64_t d0 = 0;
+      if (rows == W)
+        for (; d0 + W <= k; d0 += W) transpose_block(src + d0, ldb, panel + d0 * kPanel + c0, kPanel);
+      for (int64_t d = d0; d < k; ++d)
+        for (int64_t c = 0; c < W; ++c) panel[d * kPanel + c0 + c] = c < rows ? src[c * ldb + d] : 0.0f;
     }
   }
 }

@@ -18,6 +18,17 @@ Problem::Problem(at::Tensor x_, at::Tensor y_, double scale_, Options opt_)
   TORCH_CHECK(Bx > 0 && By > 0 && D > 0 && Gx > 0 && Gy > 0, "empty inputs");
   G = std::max(Gx, Gy);
   xs = x.mul(static_cast<double>(scale));
+  threads = std::max<int64_t>(1, at::get_num_threads());
+}
+
+Problem Problem::groups(int64_t g0, int64_t n) const {
+  Problem sub = *this;
+  if (Gx > 1) sub.x = x.narrow(0, g0, n), sub.xs = xs.narrow(0, g0, n), sub.Gx = n;
+  if (Gy > 1) sub.y = y.narrow(0, g0, n), sub.Gy = n;
+  sub.G = n;
+  sub.threads = 1;
+  sub.dx_into = sub.dy_into = at::Tensor();
+  return sub;
 }
 
 Options make_options(const std::string& transform, double clip, const std::string& diagonal, int64_t diag_offset,
@@ -79,7 +90,7 @@ void LseAcc::merge(const LseAcc& other) {
 }
 
 Sweep::Sweep(const Problem& pb, Want want) : pb_(pb), want_(want), ops_(vec_ops()), gemm_(tile_gemm(pb.D)) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = pb.threads;
   R_ = choose_block_rows(pb.Bx, pb.By, threads);
   // Below about 2^20 multiply-adds per thread, waking the other threads costs more than it saves.
   const int64_t work = std::max<int64_t>(1, pb.Bx * pb.By * pb.D >> 20);
@@ -94,8 +105,12 @@ Sweep::Sweep(const Problem& pb, Want want) : pb_(pb), want_(want), ops_(vec_ops(
   }
   if (gemm_ != nullptr) ypack_ = at::empty({(pb.By + gemm_->panel - 1) / gemm_->panel * gemm_->panel * pb.D}, f32);
   // A broadcast operand's gradient sums over groups, so it starts at zero and accumulates.
-  if (want.dx) dx_ = (pb.Gx == 1 && pb.G > 1) ? at::zeros_like(pb.x) : at::empty_like(pb.x);
-  if (want.dy) dy_ = (pb.Gy == 1 && pb.G > 1) ? at::zeros_like(pb.y) : at::empty_like(pb.y);
+  auto gradient = [&](const at::Tensor& into, const at::Tensor& like, int64_t groups) {
+    if (into.defined()) return into;
+    return (groups == 1 && pb.G > 1) ? at::zeros_like(like) : at::empty_like(like);
+  };
+  if (want.dx) dx_ = gradient(pb.dx_into, pb.x, pb.Gx);
+  if (want.dy) dy_ = gradient(pb.dy_into, pb.y, pb.Gy);
 }
 
 void Sweep::pack_group(int64_t g) {
@@ -167,8 +182,7 @@ void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float
       at::Tensor scaled = w.xrow.narrow(0, 0, rows);
       const float* src = xb.data_ptr<float>();
       float* dst = scaled.data_ptr<float>();
-      for (int64_t k = 0; k < rows; ++k)
-        for (int64_t d = 0; d < D; ++d) dst[k * D + d] = row_factor[k] * src[k * D + d];
+      for (int64_t k = 0; k < rows; ++k) ops_.axpy(dst + k * D, row_factor[k], src + k * D, D, false);
       xb = scaled;
     }
     if (gemm_ != nullptr)
@@ -187,21 +201,13 @@ void Sweep::emit_dx(int64_t p, int64_t g, int64_t i0, int64_t rows, float factor
     // Σ_ij G_ij <x_i, y_j> = Σ_i <x_i, (G·y)_i>: O(rows·D) instead of another pass over the tile.
     const float* x = pb_.x_group(g).data_ptr<float>() + i0 * D;
     double acc = 0.0;
-    for (int64_t k = 0; k < rows; ++k) {
-      float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += x[k * D + d] * raw[k * D + d];
-      acc += dot;
-    }
+    for (int64_t k = 0; k < rows; ++k) acc += ops_.dot(x + k * D, raw + k * D, D);
     w.dscale += static_cast<double>(factor) * acc;
   }
   if (want_.dx) {
+    // A broadcast x's gradient sums over the groups.
     float* out = dx_[pb_.Gx == 1 ? 0 : g].data_ptr<float>() + i0 * D;
-    const float a = pb_.scale * factor;
-    if (pb_.Gx == 1 && pb_.G > 1) {
-      for (int64_t e = 0; e < rows * D; ++e) out[e] += a * raw[e];
-    } else {
-      for (int64_t e = 0; e < rows * D; ++e) out[e] = a * raw[e];
-    }
+    ops_.axpy(out, pb_.scale * factor, raw, rows * D, pb_.Gx == 1 && pb_.G > 1);
   }
 }
 
@@ -215,20 +221,74 @@ void Sweep::end_group(int64_t g, const std::vector<float>& factors) {
     parts[p] = ws_[p].dy.data_ptr<float>();
     if (!factors.empty()) f[p] = factors[p];
   }
-  const float scale = pb_.scale;
   // Chunks of 2^16 elements: a small group's sum runs on the calling thread, without waking the others.
   at::parallel_for(0, pb_.By * pb_.D, 1 << 16, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kStrip = 1024;  // the partials are summed strip by strip, each pass over a strip vectorised
-    float acc[kStrip];
+    constexpr int64_t kStrip = 1024;  // strip by strip, so the output strip stays in L1 across the partials
     for (int64_t e0 = begin; e0 < end; e0 += kStrip) {
       const int64_t n = std::min(kStrip, end - e0);
-      for (int64_t e = 0; e < n; ++e) acc[e] = f[0] * parts[0][e0 + e];
-      for (int64_t p = 1; p < P_; ++p)  // partition order: deterministic
-        for (int64_t e = 0; e < n; ++e) acc[e] += f[p] * parts[p][e0 + e];
-      float* o = out + e0;
-      for (int64_t e = 0; e < n; ++e) o[e] = (accumulate ? o[e] : 0.0f) + scale * acc[e];
+      for (int64_t p = 0; p < P_; ++p)  // partition order: deterministic
+        ops_.axpy(out + e0, pb_.scale * f[p], parts[p] + e0, n, accumulate || p > 0);
     }
   });
+}
+
+namespace {
+
+// The chunks of by_groups: one per thread where the groups divide evenly among them, or are so many that the
+// uneven shares cost at most a quarter of a thread; else 1 (every group cut into row blocks across the threads).
+int64_t group_chunks(const Problem& pb) {
+  const int64_t T = pb.threads;
+  if (T < 2 || pb.G < T) return 1;
+  return (pb.G % T == 0 || pb.G >= 4 * T) ? T : 1;
+}
+
+std::vector<at::Tensor> narrow_all(const std::vector<at::Tensor>& ts, int64_t g0, int64_t n) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.narrow(0, g0, n));
+  return out;
+}
+
+// Σ_c parts[c].grads.*member in chunk order: the gradient of an operand broadcast over every chunk's groups.
+at::Tensor sum_in_order(const std::vector<Result>& parts, at::Tensor Grads::*member) {
+  at::Tensor total = parts[0].grads.*member;
+  for (size_t c = 1; c < parts.size(); ++c) total.add_(parts[c].grads.*member);
+  return total;
+}
+
+}  // namespace
+
+Result by_groups(Family family, const Problem& pb, Want want, const std::vector<at::Tensor>& stats,
+                 const std::vector<at::Tensor>& weights) {
+  const int64_t C = group_chunks(pb);
+  if (C == 1) return family(pb, want, stats, weights);
+  auto first = [&](int64_t c) { return c * pb.G / C; };  // chunk c: groups [first(c), first(c + 1))
+  // A per-group operand's gradient is written in place by its chunk; a broadcast one is summed afterwards.
+  const at::Tensor dx = want.dx && pb.Gx > 1 ? at::empty_like(pb.x) : at::Tensor();
+  const at::Tensor dy = want.dy && pb.Gy > 1 ? at::empty_like(pb.y) : at::Tensor();
+  std::vector<Result> parts(C);
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t g0 = first(c), n = first(c + 1) - g0;
+      Problem sub = pb.groups(g0, n);
+      if (dx.defined()) sub.dx_into = dx.narrow(0, g0, n);
+      if (dy.defined()) sub.dy_into = dy.narrow(0, g0, n);
+      parts[c] = family(sub, want, narrow_all(stats, g0, n), narrow_all(weights, g0, n));
+    }
+  });
+  Result res;
+  if (!stats.empty()) {
+    res.stats = stats;
+  } else {
+    for (size_t s = 0; s < parts[0].stats.size(); ++s) {
+      std::vector<at::Tensor> pieces;
+      for (const auto& part : parts) pieces.push_back(part.stats[s]);
+      res.stats.push_back(at::cat(pieces));
+    }
+  }
+  if (want.dx) res.grads.dx = dx.defined() ? dx : sum_in_order(parts, &Grads::dx);
+  if (want.dy) res.grads.dy = dy.defined() ? dy : sum_in_order(parts, &Grads::dy);
+  for (const auto& part : parts) res.grads.dscale += part.grads.dscale;
+  return res;
 }
 
 Grads Sweep::finish() {

@@ -3,7 +3,8 @@
 //
 // Work split. Groups run one after another; inside a group the Bx rows are cut into blocks of R rows and the
 // blocks into P contiguous *partitions*, one thread each (P = torch's thread count, at most the number of blocks, and
-// fewer for small problems: about 2^20 multiply-adds per thread at least).
+// fewer for small problems: about 2^20 multiply-adds per thread at least). Where the groups divide evenly among the
+// threads, by_groups instead gives each thread whole groups, each chunk a sweep with P = 1.
 // Per partition:
 //   S     (R × By) fp32   the score tile, then the gradient tile G in place          (P·R·By floats)
 //   dxraw (R × D)         G·y for the tile                                           (P·R·D)
@@ -20,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -61,8 +63,12 @@ struct Problem {
   int64_t G, Gx, Gy, Bx, By, D;
   float scale;
   Options opt;
+  int64_t threads;          // the partitions' upper bound: torch's thread count, 1 for a chunk of by_groups
+  at::Tensor dx_into, dy_into;  // where set, the sweep writes that gradient there instead of allocating it
 
   Problem(at::Tensor x_, at::Tensor y_, double scale_, Options opt_);
+  // Groups [g0, g0 + n) as a problem of their own, for one thread; a broadcast operand stays whole.
+  Problem groups(int64_t g0, int64_t n) const;
   at::Tensor x_group(int64_t g) const { return x[Gx == 1 ? 0 : g]; }
   at::Tensor xs_group(int64_t g) const { return xs[Gx == 1 ? 0 : g]; }
   at::Tensor y_group(int64_t g) const { return y[Gy == 1 ? 0 : g]; }
@@ -188,5 +194,14 @@ Result global_lse(const Problem& pb, Want want, const std::vector<at::Tensor>& s
                   const std::vector<at::Tensor>& weights);
 Result row_sum(const Problem& pb, Want want, const std::vector<at::Tensor>& stats,
                const std::vector<at::Tensor>& weights);
+using Family = Result (*)(const Problem&, Want, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&);
+
+// Runs a family on pb, cutting the groups across threads where that balances: each thread then sweeps a contiguous
+// chunk of whole groups alone (Problem::groups), instead of every thread taking part in every group. Small groups
+// (the paper's critic: B = 128 per location) have too few row blocks to keep the threads busy and pay a parallel
+// region per group and pass; chunks of groups pay one per call. Deterministic for a fixed thread count: the chunks
+// are fixed and a broadcast operand's gradient sums the chunks' in chunk order.
+Result by_groups(Family family, const Problem& pb, Want want, const std::vector<at::Tensor>& stats,
+                 const std::vector<at::Tensor>& weights);
 
 }  // namespace rmi_fast::cpu

@@ -155,6 +155,23 @@ void scale(float* s, int64_t n, float a) {
   });
 }
 
+float dot(const float* a, const float* b, int64_t n) {
+  vf acc = splat(0.0f);
+  for_vectors(n, [&](int64_t j, int64_t k) {
+    acc += k == W ? load(a + j) * load(b + j) : load_tail(a + j, k, 0.0f) * load_tail(b + j, k, 0.0f);
+  });
+  return hsum(acc);
+}
+
+void axpy(float* y, float a, const float* x, int64_t n, bool accumulate) {
+  const vf va = splat(a);
+  for_vectors(n, [&](int64_t j, int64_t k) {
+    const vf ax = va * (k == W ? load(x + j) : load_tail(x + j, k, 0.0f));
+    const vf out = accumulate ? (k == W ? load(y + j) : load_tail(y + j, k, 0.0f)) + ax : ax;
+    k == W ? store(y + j, out) : store_tail(y + j, k, out);
+  });
+}
+
 void softmax_grad(float* s, int64_t n, float r, float w, const float* c, const float* v) {
   const vf vr = splat(r), vw = splat(w);
   for_vectors(n, [&](int64_t j, int64_t k) {
@@ -257,8 +274,8 @@ namespace rmi_fast::cpu::RMI_VEC_ISA {
 
 const VecOps& ops() {
   static const VecOps table{
-      RMI_VEC_NAME, RMI_VEC_GEMM, row_max, exp_sum, scale,      softmax_grad, clamp,  clipped_softmax_grad,
-      exp_m1,           softplus, max_into, rescale, add_exp,
+      RMI_VEC_NAME, RMI_VEC_GEMM, row_max,  exp_sum, scale,   dot,     axpy, softmax_grad, clamp,
+      clipped_softmax_grad,       exp_m1,   softplus, max_into, rescale, add_exp,
   };
   return table;
 }

@@ -41,6 +41,10 @@ struct VecOps {
   float (*exp_sum)(float* s, int64_t n, float m, bool store);
   // s_j ← a·s_j.
   void (*scale)(float* s, int64_t n, float a);
+  // Σ_j a_j·b_j.
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // y_j ← a·x_j, or y_j ← y_j + a·x_j with accumulate.
+  void (*axpy)(float* y, float a, const float* x, int64_t n, bool accumulate);
   // s_j ← w·exp(s_j − r) [+ v_j·exp(s_j − c_j) when c != nullptr]: the row (and column) softmax gradient.
   void (*softmax_grad)(float* s, int64_t n, float r, float w, const float* c, const float* v);
   // s_j ← clamp(s_j, −c, c) (NaN stays NaN).

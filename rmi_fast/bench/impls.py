@@ -293,7 +293,7 @@ class TorchMist(Peer):
                     f"only up to {self.max_product_mib} MiB")
         reason = self.import_error()
         if reason:
-            reason += " (it pins numpy<2: install it with --no-deps, then hydra-core, pyro-ppl, mpld3, pandas)"
+            reason += " (it pins numpy<2: pip install --no-deps -r benchmarks/requirements-torch-mist.txt)"
         return reason
 
     def build(self, case, inputs, device):

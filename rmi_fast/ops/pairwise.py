@@ -109,8 +109,14 @@ def _grad_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def _backward(ctx, g0, g1, *_unused_grad_outputs, grads_op=_pair_reduce_backward):
     want = ctx.needs_input_grad[:3]
+    if g0 is None and (g1 is None or not ctx.options["columns"]):
+        return (None,) * 15  # no statistic reached a loss (eager calls leave such gradients unmaterialised)
     if ctx.fused:
         # Every statistic's upstream gradient is the same scalar w (see module docstring): grads = w · unit grads.
+        if ctx.options["columns"] and (g0 is None or g1 is None):
+            raise RuntimeError("pair_reduce(fused=True) promises both statistics the same upstream gradient, but only "
+                               f"the {'column' if g0 is None else 'row'} statistic reached the loss: call it with "
+                               "fused=False")
         dx, dy, dscale = ctx.saved_tensors
         w = g0.reshape(-1)[0]
         scaled = [(t * w).to(t.dtype) if need else None for t, need in zip((dx, dy, dscale), want)]
@@ -138,6 +144,9 @@ class _EagerPairReduce(torch.autograd.Function):
         output = _pair_reduce_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[2:])
+        # The unit-gradient outputs never receive a gradient: materialising one would allocate and zero an x- and
+        # a y-sized tensor per backward.
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
