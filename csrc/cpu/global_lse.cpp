@@ -81,7 +81,7 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
   const bool clip = pb.opt.transform == Transform::clip;
   const bool need_dxraw = want.dx || want.dscale;
   at::Tensor L = at::empty({pb.G}, pb.x.options());
-  at::Tensor raw = need_dxraw ? at::empty({pb.Bx, pb.D}, pb.x.options()) : at::Tensor();
+  at::Tensor raw = need_dxraw ? empty_f32({pb.Bx, pb.D}) : at::Tensor();
   const int64_t R = sw.block_rows();
   std::vector<float> tile_max((pb.Bx + R - 1) / R);  // each tile's reference, as its partition's running max
   for (int64_t g = 0; g < pb.G; ++g) {
@@ -95,7 +95,8 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
       if (clip)
         for (int64_t k = 0; k < rows; ++k) ops.clipped_softmax_grad(S + k * pb.By, pb.By, ref, 1.0f, pb.opt.clip);
       Workspace& w = sw.workspace(p);
-      if (want.dy && f != 1.0f) w.dy.mul_(f);
+      // f = 0: the reference rose from −inf, so nothing but zeros has been accumulated yet.
+      if (want.dy && f != 1.0f && f != 0.0f) ops.scale(w.dy.data_ptr<float>(), pb.By * pb.D, f);
       sw.backprop(p, g, i0, rows);
       if (need_dxraw) {
         std::copy_n(w.dxraw.data_ptr<float>(), rows * pb.D, raw.data_ptr<float>() + i0 * pb.D);

@@ -3,6 +3,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace rmi_fast::cpu {
 
@@ -29,6 +34,22 @@ Problem Problem::groups(int64_t g0, int64_t n) const {
   sub.threads = 1;
   sub.dx_into = sub.dy_into = at::Tensor();
   return sub;
+}
+
+at::Tensor empty_f32(at::IntArrayRef sizes) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t{2} << 20;
+  size_t bytes = sizeof(float);
+  for (const int64_t n : sizes) bytes *= static_cast<size_t>(n);
+  void* p = nullptr;
+  const size_t length = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  if (bytes >= kHugePage && posix_memalign(&p, kHugePage, length) == 0) {
+    madvise(p, length, MADV_HUGEPAGE);  // a request: where refused, the pages are ordinary ones
+    return at::from_blob(p, sizes, [](void* q) { std::free(q); }, f32);
+  }
+#endif
+  return at::empty(sizes, f32);
 }
 
 Options make_options(const std::string& transform, double clip, const std::string& diagonal, int64_t diag_offset,
@@ -95,19 +116,19 @@ Sweep::Sweep(const Problem& pb, Want want) : pb_(pb), want_(want), ops_(vec_ops(
   // Below about 2^20 multiply-adds per thread, waking the other threads costs more than it saves.
   const int64_t work = std::max<int64_t>(1, pb.Bx * pb.By * pb.D >> 20);
   P_ = std::min({threads, (pb.Bx + R_ - 1) / R_, work});
-  const auto f32 = pb.x.options();
   ws_.resize(P_);
   for (auto& w : ws_) {
-    w.S = at::empty({R_, pb.By}, f32);
-    if (want.dx || want.dscale) w.dxraw = at::empty({R_, pb.D}, f32);
-    if (want.dy) w.xrow = at::empty({R_, pb.D}, f32);
-    if (want.dy) w.dy = at::empty({pb.By, pb.D}, f32);
+    w.S = empty_f32({R_, pb.By});
+    if (want.dx || want.dscale) w.dxraw = empty_f32({R_, pb.D});
+    if (want.dy) w.xrow = empty_f32({R_, pb.D});
+    if (want.dy) w.dy = empty_f32({pb.By, pb.D});
   }
-  if (gemm_ != nullptr) ypack_ = at::empty({(pb.By + gemm_->panel - 1) / gemm_->panel * gemm_->panel * pb.D}, f32);
+  if (gemm_ != nullptr) ypack_ = empty_f32({(pb.By + gemm_->panel - 1) / gemm_->panel * gemm_->panel * pb.D});
   // A broadcast operand's gradient sums over groups, so it starts at zero and accumulates.
   auto gradient = [&](const at::Tensor& into, const at::Tensor& like, int64_t groups) {
     if (into.defined()) return into;
-    return (groups == 1 && pb.G > 1) ? at::zeros_like(like) : at::empty_like(like);
+    at::Tensor t = empty_f32(like.sizes());
+    return (groups == 1 && pb.G > 1) ? t.zero_() : t;
   };
   if (want.dx) dx_ = gradient(pb.dx_into, pb.x, pb.Gx);
   if (want.dy) dy_ = gradient(pb.dy_into, pb.y, pb.Gy);
@@ -263,8 +284,8 @@ Result by_groups(Family family, const Problem& pb, Want want, const std::vector<
   if (C == 1) return family(pb, want, stats, weights);
   auto first = [&](int64_t c) { return c * pb.G / C; };  // chunk c: groups [first(c), first(c + 1))
   // A per-group operand's gradient is written in place by its chunk; a broadcast one is summed afterwards.
-  const at::Tensor dx = want.dx && pb.Gx > 1 ? at::empty_like(pb.x) : at::Tensor();
-  const at::Tensor dy = want.dy && pb.Gy > 1 ? at::empty_like(pb.y) : at::Tensor();
+  const at::Tensor dx = want.dx && pb.Gx > 1 ? empty_f32(pb.x.sizes()) : at::Tensor();
+  const at::Tensor dy = want.dy && pb.Gy > 1 ? empty_f32(pb.y.sizes()) : at::Tensor();
   std::vector<Result> parts(C);
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {

@@ -110,7 +110,8 @@ SUITES: dict[str, list[Case]] = {
         + _grid(_CONTRASTIVE, _CPU_SHAPES)
         + _grid(_CONTRASTIVE, _CPU_SHAPES, symmetric=True)
         + _grid(("nt_xent",), _CPU_SHAPES)
-        + [Case("dv", 128, 256, G=16, broadcast_x=True), Case("dv", 512, 256, G=16, broadcast_x=True)]
+        + [Case("dv", 128, 256, G=16, broadcast_x=True), Case("dv", 512, 256, G=16, broadcast_x=True),
+           Case("dv", 128, 2048, G=64, broadcast_x=True)]  # the paper's critic shape (64 locations), in fp32
         + _grid(BOUNDS, [(512, 128)])  # small enough for torch-mist, which materialises B·B·D
         + [Case("train_step", 128, 0)]
     ),
