@@ -1,5 +1,5 @@
-"""The ``cpp`` backend: fused C++ kernels for CPU tensors (csrc/cpu/: OpenMP over row tiles, register-blocked SIMD tile
-GEMMs and elementwise passes).
+"""The ``cpp`` backend: fused C++ kernels for CPU tensors (csrc/cpu/: OpenMP over row tiles, or over whole groups
+where they divide among the threads; register-blocked SIMD tile GEMMs and elementwise passes).
 
 Implements the kernel contract of :mod:`rmi_fast.ops.spec` for every family and option. Score tiles of a block of
 rows × all columns live in a per-thread buffer; nothing B×B is ever allocated (extra memory O(threads·(R + D)·B)).

@@ -144,8 +144,8 @@ def _weighted_rows(w: torch.Tensor, other: torch.Tensor, groups: int) -> torch.T
     """∂(Σ w·dots)/∂operand: w[g, i]·other[g, i], summed over g for an operand broadcast over the groups."""
     if groups == 1 and w.shape[0] > 1:  # (B, 1, G) @ (B, G, D) → (1, B, D)
         return torch.matmul(w.t().unsqueeze(1), other.transpose(0, 1)).transpose(0, 1)
-    w = w.unsqueeze(-1)
-    return torch.mul(w, other, out=memory.empty_like(torch.broadcast_to(other, (w.shape[0], *other.shape[1:]))))
+    out = memory.empty_like(other.expand(w.shape[0], *other.shape[1:]))
+    return torch.mul(w.unsqueeze(-1), other, out=out)
 
 
 def _paired_scores(x3: torch.Tensor, y3: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

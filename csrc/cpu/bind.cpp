@@ -48,7 +48,7 @@ void bind_cpu(py::module_& m) {
         py::arg("diagonal"), py::arg("diag_offset"), py::arg("columns"), py::arg("stats"), py::arg("weights"),
         py::arg("want_dx"), py::arg("want_dy"), py::arg("want_dscale"));
   m.def("cpu_empty", [](std::vector<int64_t> sizes) { return cpu::empty_f32(sizes); },
-        "An uninitialised fp32 CPU tensor, on transparent huge pages from 2 MiB on (see rmi_fast.cpu.empty_like)",
+        "An uninitialised fp32 CPU tensor, on transparent huge pages from 2 MiB on (see rmi_fast.memory)",
         py::arg("sizes"));
   m.def("cpu_isa", []() { return std::string(cpu::vec_ops().name); },
         "The instruction set of the elementwise passes chosen for this CPU");

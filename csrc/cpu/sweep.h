@@ -23,11 +23,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/ones_like.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <cmath>
 #include <limits>

@@ -119,7 +119,8 @@ def _backward(ctx, g0, g1, *_unused_grad_outputs, grads_op=_pair_reduce_backward
                                "fused=False")
         dx, dy, dscale = ctx.saved_tensors
         w = g0.reshape(-1)[0]
-        scaled = [torch.mul(t, w, out=memory.empty_like(t)) if need else None for t, need in zip((dx, dy, dscale), want)]
+        scaled = [torch.mul(t, w, out=memory.empty_like(t)) if need else None
+                  for t, need in zip((dx, dy, dscale), want)]
         return (*scaled,) + (None,) * 12
     x, y, scale, stat0, stat1 = ctx.saved_tensors
     w1 = _grad_zero(g1, stat1) if ctx.options["columns"] else stat1
