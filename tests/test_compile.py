@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rmi_fast as rf
+from rmi_fast import functional
 from rmi_fast.attacks import apgd, pgd
 
 N, D_IN, D = 12, 10, 8
@@ -67,7 +68,14 @@ def _compiled_matches_eager(backend, batches=(N, N), **compile_kwargs):
             torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
 
 
-def test_fullgraph_aot_eager():
+@pytest.fixture(params=[False, True], ids=["product", "batched"])
+def positives(request, monkeypatch):
+    """Grouped positive parts as the small (G, B, D) product, or forced onto the batched path of large inputs."""
+    if request.param:
+        monkeypatch.setattr(functional, "_PRODUCT_ELEMENTS", 0)
+
+
+def test_fullgraph_aot_eager(positives):
     _compiled_matches_eager("aot_eager")
 
 
@@ -101,7 +109,7 @@ def test_fullgraph_inductor_infonce():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_losses_and_attacks_read_no_values_on_meta_tensors():
+def test_losses_and_attacks_read_no_values_on_meta_tensors(positives):
     """Any .item(), bool(tensor), .tolist() or data-dependent shape raises on a meta tensor."""
     model = Model().to("meta")
     inputs = [t.to("meta") for t in _inputs()]
@@ -134,7 +142,7 @@ def _cuda_backends():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _cuda_backends())
-def test_no_host_sync_in_forward_or_backward(backend):
+def test_no_host_sync_in_forward_or_backward(backend, positives):
     model = Model().cuda()
     inputs = _inputs("cuda")
     model(*inputs).backward()  # warm-up: lazy initialisation may sync once
@@ -156,7 +164,7 @@ def test_no_host_sync_in_forward_or_backward(backend):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay():
+def test_cuda_graph_capture_and_replay(positives):
     torch.manual_seed(0)
     encoder = torch.nn.Linear(D_IN, D).cuda()
     x1, x2 = (torch.rand(N, D_IN, device="cuda") for _ in range(2))
