@@ -12,7 +12,7 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     import rmi_fast
-    from rmi_fast import backends
+    from rmi_fast import backends, memory
 
     print(f"rmi_fast {rmi_fast.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}")
@@ -22,6 +22,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"compiled module: {_C.__file__} (CUDA kernels built: {bool(_C.with_cuda)})")
         if hasattr(_C, "cpu_isa"):
             print(f"C++ CPU kernels: {_C.cpu_isa()} elementwise passes, tile GEMMs: {_C.cpu_tile_gemm()}")
+            print(f"large CPU outputs (2 MiB and more): transparent huge pages, mode {memory.huge_pages()}")
     except ImportError as exc:
         print(f"compiled module: not available ({exc})")
     print("backends:")

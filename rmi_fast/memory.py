@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 
 import torch
 
 _HUGE_PAGE = 2 << 20
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 @functools.cache
@@ -32,3 +34,15 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
             and not torch.compiler.is_compiling() and _compiled() is not None):
         return _compiled().cpu_empty(list(t.shape))
     return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def huge_pages() -> str:
+    """This machine's transparent-huge-page mode ("always", "madvise" — both honour the request — or "never"), or
+    why it is unknown."""
+    try:
+        with open(_THP_SETTING) as f:
+            setting = f.read()
+    except OSError:
+        return "unknown (no " + _THP_SETTING + ")"
+    chosen = re.search(r"\[(\w+)\]", setting)
+    return chosen.group(1) if chosen else setting.strip()

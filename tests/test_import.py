@@ -40,3 +40,14 @@ def test_cli_info_lists_every_backend_with_a_reason():
     for name in ("cpp", "triton", "cuda", "torch"):
         assert f"  {name} " in out.stdout
     assert "torch   available" in out.stdout
+
+
+def test_huge_page_mode_is_read_from_the_kernel_setting(tmp_path, monkeypatch):
+    from rmi_fast import memory
+
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(memory, "_THP_SETTING", str(setting))
+    assert memory.huge_pages() == "madvise"
+    monkeypatch.setattr(memory, "_THP_SETTING", str(tmp_path / "missing"))
+    assert memory.huge_pages().startswith("unknown")
