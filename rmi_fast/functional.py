@@ -1,8 +1,8 @@
 """The public functions: validate, normalise shapes, split each bound into its positive and negative parts, dispatch.
 
 Every bound is  t[g, i] = positive(S_ii) − negative(statistic of S)  (design §1). The positive part needs only the
-paired scores S_ii = scale·<x_i, y_i> (O(B·D), eager, autograd); the negative part is the fused reduction of
-:mod:`rmi_fast.ops.pairwise`, which never stores a B×B matrix. The contrastive losses' extra terms (a class target,
+paired scores S_ii = scale·<x_i, y_i> (O(B·D)); the negative part is the fused reduction of
+:mod:`rmi_fast.ops.pairwise`, which never stores a B×B matrix and, for the MI bounds, returns the paired dots too. The contrastive losses' extra terms (a class target,
 label smoothing's mean score, SupCon's same-class positives) are O(B·D) too. With ``gather`` the negative part runs
 against the rows of every data-parallel rank (:mod:`rmi_fast.distributed`).
 """
@@ -15,7 +15,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import backends, distributed, memory
+from . import backends, distributed
 from .checks import check_values
 from .ops.pairwise import pair_reduce
 from .ops.spec import PairSpec
@@ -108,54 +108,10 @@ def _reduce(terms: torch.Tensor, reduction: str, squeeze: bool) -> torch.Tensor:
     return terms.squeeze(0) if squeeze else terms
 
 
-#: From this many elements of the (G, B, D) product on, the paired scores of grouped inputs skip it (see below).
-_PRODUCT_ELEMENTS = 1 << 22
-
-
-class _GroupedRowDots(torch.autograd.Function):
-    """<x[g, i], y[g, i]> → (G, B) for x (Gx, B, D) and y (Gy, B, D) grouped, without materialising their (G, B, D)
-    product as (x·y).sum(−1) does, nor its backward's two more: at the paper's critic shape (G = 64 locations,
-    B = 128, D = 2048) each is a fresh 64 MiB tensor, which costs more than the fused negative part itself.
-    A broadcast operand makes each row's dots one matrix-vector product over the groups, and its gradient
-    Σ_g w[g, i]·other[g, i] another; with both grouped, einsum's batched contraction."""
-
-    @staticmethod
-    def forward(ctx, x, y):
-        ctx.save_for_backward(x, y)
-        return _row_dots(x, y)
-
-    @staticmethod
-    def backward(ctx, w):
-        x, y = ctx.saved_tensors
-        want_x, want_y = ctx.needs_input_grad
-        return (_weighted_rows(w, y, x.shape[0]) if want_x else None,
-                _weighted_rows(w, x, y.shape[0]) if want_y else None)
-
-
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.shape[0] == 1 and b.shape[0] > 1:
-        a, b = b, a
-    if b.shape[0] == 1 and a.shape[0] > 1:  # (B, G, D) @ (B, D, 1): per row i, its G groups against b_i
-        return torch.matmul(a.transpose(0, 1), b[0].unsqueeze(-1)).squeeze(-1).transpose(0, 1)
-    return torch.einsum("gbd,gbd->gb", a, b)
-
-
-def _weighted_rows(w: torch.Tensor, other: torch.Tensor, groups: int) -> torch.Tensor:
-    """∂(Σ w·dots)/∂operand: w[g, i]·other[g, i], summed over g for an operand broadcast over the groups."""
-    if groups == 1 and w.shape[0] > 1:  # (B, 1, G) @ (B, G, D) → (1, B, D)
-        return torch.matmul(w.t().unsqueeze(1), other.transpose(0, 1)).transpose(0, 1)
-    out = memory.empty_like(other.expand(w.shape[0], *other.shape[1:]))
-    return torch.mul(w.unsqueeze(-1), other, out=out)
-
-
 def _paired_scores(x3: torch.Tensor, y3: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """S_ii = scale·<x_i, y_i> in the statistics' dtype → (G, B)."""
     dt = scale.dtype
-    x3, y3 = x3.to(dt), y3.to(dt)
-    grouped = x3.dim() == 3 and y3.dim() == 3
-    if grouped and max(x3.shape[0], y3.shape[0]) * x3.shape[1] * x3.shape[2] >= _PRODUCT_ELEMENTS:
-        return scale * _GroupedRowDots.apply(x3, y3)
-    return scale * (x3 * y3).sum(-1)
+    return scale * (x3.to(dt) * y3.to(dt)).sum(-1)
 
 
 def _check_fraction(name: str, value) -> float:
@@ -270,8 +226,12 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
     spec = PairSpec(family, transform, clip=clip, diagonal="include" if bound == "infonce" else diagonal,
                     deterministic=deterministic)
     fused = reduction != "none" and bound != "mine"
-    stat = _negative_stats(x3, y3, s, spec, backend, fused, gather)[0][0]
-    pos = _paired_scores(x3, y3, s)
+    if gather:
+        stat = _negative_stats(x3, y3, s, spec, backend, fused, gather)[0][0]
+        pos = _paired_scores(x3, y3, s)
+    else:  # the positives from the same op: their gradients join the negatives' in place
+        stats, dots = pair_reduce(x3, y3, s, spec, backend, fused=fused, positives=True)
+        stat, pos = stats[0], s * dots
     if bound == "infonce":
         terms = pos - stat + math.log(B)
     elif bound == "nwj":

@@ -136,22 +136,44 @@ def test_a_statistic_left_unused_gets_no_gradient(backend, used, fused):
     torch.testing.assert_close(y.grad.double(), dy, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("bound", ["infonce", "dv", "jsd"])
 @pytest.mark.parametrize("shape", ["x_broadcast", "y_broadcast", "grouped"])
-def test_large_grouped_positives(backend, bound, shape, monkeypatch):
+def test_large_grouped_positives(backend, bound, shape, reduction, monkeypatch):
     """Grouped inputs whose (G, B, D) product is large skip it in the positive part (batched matrix-vector products
-    and einsum instead); forced here at small sizes, value and gradients, the scale's included, match the oracle."""
-    from rmi_fast import functional
+    and einsum instead); forced here at small sizes, fused (mean) and not (none): value and gradients, the scale's
+    included, match the oracle."""
+    from rmi_fast.ops import pairwise
 
-    monkeypatch.setattr(functional, "_PRODUCT_ELEMENTS", 0)
+    monkeypatch.setattr(pairwise, "_PRODUCT_ELEMENTS", 0)
     x, y = _inputs(*SHAPES[shape])
     scale = torch.tensor(1.3, requires_grad=True)
-    value = rf.mi_bound(x, y, bound, scale=scale, backend=backend)
-    value.backward()
-    ref = _oracle(bound, x, y, 1.3, "mean", None, **_kwargs(bound, "exclude"))
+    value = rf.mi_bound(x, y, bound, scale=scale, backend=backend, reduction=reduction)
+    weights = torch.rand(value.shape, generator=torch.Generator().manual_seed(3)) + 0.5
+    (value * weights if reduction == "none" else value).sum().backward()
+    ref = _oracle(bound, x, y, 1.3, reduction, weights if reduction == "none" else None, **_kwargs(bound, "exclude"))
     tol = tolerance(torch.float32)
     for got, want in zip((value, x.grad, y.grad, scale.grad), ref):
         torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_positives_alone(backend, fused):
+    """Only pair_reduce's paired dots reach the loss: dx = w·y, dy = w·x; rows that differ are refused."""
+    from rmi_fast.ops.pairwise import pair_reduce
+    from rmi_fast.ops.spec import PairSpec
+
+    x, y = _inputs((3, 17, 6), (17, 6))
+    y = y.unsqueeze(0).detach().requires_grad_()
+    w = torch.rand(3, 17, generator=torch.Generator().manual_seed(4))
+    _, dots = pair_reduce(x, y, torch.tensor(2.0), PairSpec("global_lse", diagonal="exclude"), backend, fused=fused,
+                          positives=True)
+    (dots * w).sum().backward()
+    torch.testing.assert_close(dots.double(), (x.double() * y.double()).sum(-1).detach(), **tolerance(torch.float32))
+    torch.testing.assert_close(x.grad, w.unsqueeze(-1) * y.detach(), **tolerance(torch.float32))
+    torch.testing.assert_close(y.grad, (w.unsqueeze(-1) * x.detach()).sum(0, keepdim=True), **tolerance(torch.float32))
+    with pytest.raises(ValueError, match="same rows"):
+        pair_reduce(x, y[:, :9], torch.tensor(2.0), PairSpec("global_lse"), backend, positives=True)
 
 
 def test_any_strides(backend):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rmi_fast as rf
-from rmi_fast import functional
+from rmi_fast.ops import pairwise
 from rmi_fast.attacks import apgd, pgd
 
 N, D_IN, D = 12, 10, 8
@@ -72,7 +72,7 @@ def _compiled_matches_eager(backend, batches=(N, N), **compile_kwargs):
 def positives(request, monkeypatch):
     """Grouped positive parts as the small (G, B, D) product, or forced onto the batched path of large inputs."""
     if request.param:
-        monkeypatch.setattr(functional, "_PRODUCT_ELEMENTS", 0)
+        monkeypatch.setattr(pairwise, "_PRODUCT_ELEMENTS", 0)
 
 
 def test_fullgraph_aot_eager(positives):

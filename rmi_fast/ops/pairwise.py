@@ -8,6 +8,11 @@ Fused mode (``fused=True``): the caller promises that the upstream gradient of e
 scalar (true whenever the statistics feed a plain mean or sum, i.e. reduction="mean"/"sum"). A fused backend then
 computes the gradients for unit weights in the same sweep as the statistics (for the row family one GEMM fewer than
 forward + recomputing backward) and the backward only rescales them, as Liger-Kernel does for its losses.
+
+Positives (``positives=True``): the op also returns the paired dots <x_i, y_i>, so that the bounds' positive part
+and negative part share one autograd node: its backward adds the positives' gradients in place to the freshly
+rescaled (or computed) gradients of the statistics, one x- and one y-sized tensor in all, where two separate nodes
+would allocate a second pair and sum them.
 """
 from __future__ import annotations
 
@@ -34,9 +39,10 @@ def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def _pair_reduce_impl(
     x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
     family: str, transform: str, clip: float, diagonal: str, diag_offset: int, columns: bool, deterministic: bool,
-    backend: str, fused: bool, want_dx: bool, want_dy: bool, want_dscale: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (stat0, stat1 or empty, dx or empty, dy or empty, dscale or empty); gradients only in fused mode."""
+    backend: str, fused: bool, want_dx: bool, want_dy: bool, want_dscale: bool, positives: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (stat0, stat1 or empty, dx or empty, dy or empty, dscale or empty, dots or empty); gradients only in fused
+    mode, the paired dots <x_i, y_i> (G, B) with positives."""
     spec = _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
     impl = backends.get(backend)
     want = (want_dx, want_dy, want_dscale)
@@ -45,7 +51,9 @@ def _pair_reduce_impl(
     else:
         stats, dx, dy, dscale = impl.stats(x, y, scale, spec), None, None, None
     stat1 = stats[1] if columns else None
-    return (stats[0], _or_empty(stat1, stats[0]), _or_empty(dx, x), _or_empty(dy, y), _or_empty(dscale, scale))
+    dots = _row_dots(x, y, stats[0].dtype) if positives else None
+    return (stats[0], _or_empty(stat1, stats[0]), _or_empty(dx, x), _or_empty(dy, y), _or_empty(dscale, scale),
+            _or_empty(dots, stats[0]))
 
 
 _pair_reduce = torch.library.custom_op("rmi_fast::pair_reduce", mutates_args=())(_pair_reduce_impl)
@@ -53,7 +61,7 @@ _pair_reduce = torch.library.custom_op("rmi_fast::pair_reduce", mutates_args=())
 
 @_pair_reduce.register_fake
 def _(x, y, scale, family, transform, clip, diagonal, diag_offset, columns, deterministic, backend, fused,
-      want_dx, want_dy, want_dscale):
+      want_dx, want_dy, want_dscale, positives):
     spec = _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
     G = max(x.shape[0], y.shape[0])
     shapes = spec.stat_shapes(G, x.shape[1], y.shape[1])
@@ -63,7 +71,8 @@ def _(x, y, scale, family, transform, clip, diagonal, diag_offset, columns, dete
     on = fused and (want_dx or want_dy or want_dscale)
     return (stat0, stat1, x.new_empty(x.shape if on and want_dx else _EMPTY),
             y.new_empty(y.shape if on and want_dy else _EMPTY),
-            scale.new_empty(() if on and want_dscale else _EMPTY))
+            scale.new_empty(() if on and want_dscale else _EMPTY),
+            x.new_empty((G, x.shape[1]) if positives else _EMPTY, dtype=dt))
 
 
 def _pair_reduce_backward_impl(
@@ -96,9 +105,10 @@ def _setup_context(ctx, inputs, output):
     x, y, scale = inputs[:3]
     ctx.options = dict(zip(_OPTIONS, inputs[3:11]))
     ctx.fused = inputs[11] and any(inputs[12:15])
-    stat0, stat1, dx, dy, dscale = output
-    if ctx.fused:
-        ctx.save_for_backward(dx, dy, dscale)
+    ctx.positives = inputs[15]
+    stat0, stat1, dx, dy, dscale, _ = output
+    if ctx.fused:  # x and y only for the positives' gradients
+        ctx.save_for_backward(dx, dy, dscale, *((x, y) if ctx.positives else ()))
     else:
         ctx.save_for_backward(x, y, scale, stat0, stat1)
 
@@ -107,21 +117,33 @@ def _grad_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _backward(ctx, g0, g1, *_unused_grad_outputs, grads_op=_pair_reduce_backward):
+def _backward(ctx, g0, g1, _gdx, _gdy, _gdscale, gdots, grads_op=_pair_reduce_backward):
     want = ctx.needs_input_grad[:3]
-    if g0 is None and (g1 is None or not ctx.options["columns"]):
-        return (None,) * 15  # no statistic reached a loss (eager calls leave such gradients unmaterialised)
+    if g0 is not None or (g1 is not None and ctx.options["columns"]):
+        grads = _statistic_grads(ctx, g0, g1, want, grads_op)
+    else:  # no statistic reached a loss (eager calls leave such gradients unmaterialised)
+        grads = [None, None, None]
+    if ctx.positives and gdots is not None:
+        # The positives' gradients, added in place to the fresh tensors of the statistics' ones where there are any.
+        x, y = ctx.saved_tensors[3:5] if ctx.fused else ctx.saved_tensors[:2]
+        if want[0]:
+            grads[0] = _add_weighted_rows(grads[0], gdots, y, x)
+        if want[1]:
+            grads[1] = _add_weighted_rows(grads[1], gdots, x, y)
+    return (*grads,) + (None,) * 13
+
+
+def _statistic_grads(ctx, g0, g1, want, grads_op) -> list[torch.Tensor | None]:
+    """(dx, dy, dscale) of the statistics, each a fresh tensor or None."""
     if ctx.fused:
         # Every statistic's upstream gradient is the same scalar w (see module docstring): grads = w · unit grads.
         if ctx.options["columns"] and (g0 is None or g1 is None):
             raise RuntimeError("pair_reduce(fused=True) promises both statistics the same upstream gradient, but only "
                                f"the {'column' if g0 is None else 'row'} statistic reached the loss: call it with "
                                "fused=False")
-        dx, dy, dscale = ctx.saved_tensors
         w = g0.reshape(-1)[0]
-        scaled = [torch.mul(t, w, out=memory.empty_like(t)) if need else None
-                  for t, need in zip((dx, dy, dscale), want)]
-        return (*scaled,) + (None,) * 12
+        return [torch.mul(t, w, out=memory.empty_like(t)) if need else None
+                for t, need in zip(ctx.saved_tensors[:3], want)]
     x, y, scale, stat0, stat1 = ctx.saved_tensors
     w1 = _grad_zero(g1, stat1) if ctx.options["columns"] else stat1
     o = ctx.options
@@ -129,7 +151,7 @@ def _backward(ctx, g0, g1, *_unused_grad_outputs, grads_op=_pair_reduce_backward
         x, y, scale, stat0, stat1, _grad_zero(g0, stat0), w1,
         o["family"], o["transform"], o["clip"], o["diagonal"], o["diag_offset"], o["columns"], o["deterministic"],
         o["backend"], *want)
-    return (dx if want[0] else None, dy if want[1] else None, dscale if want[2] else None) + (None,) * 12
+    return [t if need else None for t, need in zip((dx, dy, dscale), want)]
 
 
 _pair_reduce.register_autograd(_backward, setup_context=_setup_context)
@@ -144,7 +166,7 @@ class _EagerPairReduce(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _pair_reduce_impl(*inputs)
         _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[2:])
+        ctx.mark_non_differentiable(*output[2:5])
         # The unit-gradient outputs never receive a gradient: materialising one would allocate and zero an x- and
         # a y-sized tensor per backward.
         ctx.set_materialize_grads(False)
@@ -156,16 +178,57 @@ class _EagerPairReduce(torch.autograd.Function):
 
 
 def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: PairSpec, backend: str = "auto",
-                fused: bool = False) -> list[torch.Tensor]:
+                fused: bool = False, positives: bool = False):
     """Statistics of the negative part (see :mod:`rmi_fast.ops.spec`), differentiable in x, y and scale.
 
-    x: (Gx, Bx, D), y: (Gy, By, D) with Gx, Gy ∈ {1, G}; scale: 0-d tensor. Returns [r] / [r, c] / [L].
+    x: (Gx, Bx, D), y: (Gy, By, D) with Gx, Gy ∈ {1, G}; scale: 0-d tensor. Returns [r] / [r, c] / [L]; with
+    ``positives`` (Bx = By) also the paired dots <x_i, y_i>, (G, B) in the statistics' dtype and differentiable in x
+    and y, whose gradients the backward adds in place to the statistics' (one x- and one y-sized tensor in all).
     """
+    if positives and x.shape[-2] != y.shape[-2]:
+        raise ValueError(f"positives need x and y with the same rows, got {x.shape[-2]} and {y.shape[-2]}")
     impl = backends.select(backend, x, y, spec)
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t.requires_grad for t in (x, y, scale)]
     op = _pair_reduce if torch.compiler.is_compiling() else _EagerPairReduce.apply
-    stat0, stat1, *_ = op(
+    stat0, stat1, _, _, _, dots = op(
         x, y, scale, spec.family, spec.transform, float(spec.clip), spec.diagonal, int(spec.diag_offset),
-        spec.columns, spec.deterministic, impl.name, fused and impl.fused, *want)
-    return [stat0, stat1] if spec.columns else [stat0]
+        spec.columns, spec.deterministic, impl.name, fused and impl.fused, *want, positives)
+    stats = [stat0, stat1] if spec.columns else [stat0]
+    return (stats, dots) if positives else stats
+
+
+# ------------------------------------------------------------------------------------------- the paired scores
+
+#: From this many elements of the (G, B, D) product on, the paired dots skip it (see _row_dots).
+_PRODUCT_ELEMENTS = 1 << 22
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """<x[g, i], y[g, i]> → (G, B) in ``dtype``. Small inputs through their (G, B, D) product; large ones without it,
+    since at the paper's critic shape (G = 64, B = 128, D = 2048) that is a fresh 64 MiB tensor, costlier than the
+    product itself: a broadcast operand makes each row's dots one matrix-vector product over the groups, else
+    einsum's batched contraction."""
+    x, y = x.to(dtype), y.to(dtype)
+    if max(x.shape[0], y.shape[0]) * x.shape[1] * x.shape[2] < _PRODUCT_ELEMENTS:
+        return (x * y).sum(-1)
+    if x.shape[0] == 1 and y.shape[0] > 1:
+        x, y = y, x
+    if y.shape[0] == 1 and x.shape[0] > 1:  # (B, G, D) @ (B, D, 1): per row i, its G groups against y_i
+        return torch.matmul(x.transpose(0, 1), y[0].unsqueeze(-1)).squeeze(-1).transpose(0, 1)
+    return torch.einsum("gbd,gbd->gb", x, y)
+
+
+def _add_weighted_rows(out: torch.Tensor | None, w: torch.Tensor, other: torch.Tensor,
+                       operand: torch.Tensor) -> torch.Tensor:
+    """out + ∂(Σ_gi w[g, i]·<operand[g, i], other[g, i]>)/∂operand: w[g, i]·other[g, i], summed over the groups where
+    the operand is broadcast; added in place when out is given, else a new tensor like the operand."""
+    if operand.shape[0] == 1 and w.shape[0] > 1:
+        if other.numel() < _PRODUCT_ELEMENTS:
+            part = (w.unsqueeze(-1) * other).sum(0, keepdim=True)
+        else:  # (B, 1, G) @ (B, G, D) → (1, B, D), without the (G, B, D) product
+            part = torch.matmul(w.t().unsqueeze(1), other.to(w.dtype).transpose(0, 1)).transpose(0, 1)
+        return part.to(operand.dtype) if out is None else out.add_(part)
+    if out is None:
+        return torch.mul(w.unsqueeze(-1), other, out=memory.empty_like(operand))
+    return out.addcmul_(w.unsqueeze(-1), other)
