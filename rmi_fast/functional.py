@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import backends, distributed
 from .checks import check_values
-from .ops.pairwise import pair_reduce
+from .ops.pairwise import pair_reduce, row_dots
 from .ops.spec import PairSpec
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -110,8 +110,7 @@ def _reduce(terms: torch.Tensor, reduction: str, squeeze: bool) -> torch.Tensor:
 
 def _paired_scores(x3: torch.Tensor, y3: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """S_ii = scale·<x_i, y_i> in the statistics' dtype → (G, B)."""
-    dt = scale.dtype
-    return scale * (x3.to(dt) * y3.to(dt)).sum(-1)
+    return scale * row_dots(x3, y3, scale.dtype)
 
 
 def _check_fraction(name: str, value) -> float:

@@ -51,7 +51,7 @@ def _pair_reduce_impl(
     else:
         stats, dx, dy, dscale = impl.stats(x, y, scale, spec), None, None, None
     stat1 = stats[1] if columns else None
-    dots = _row_dots(x, y, stats[0].dtype) if positives else None
+    dots = row_dots(x, y, stats[0].dtype) if positives else None
     return (stats[0], _or_empty(stat1, stats[0]), _or_empty(dx, x), _or_empty(dy, y), _or_empty(dscale, scale),
             _or_empty(dots, stats[0]))
 
@@ -200,17 +200,17 @@ def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: Pai
 
 # ------------------------------------------------------------------------------------------- the paired scores
 
-#: From this many elements of the (G, B, D) product on, the paired dots skip it (see _row_dots).
+#: From this many elements of the (G, B, D) product on, the paired dots skip it (see row_dots).
 _PRODUCT_ELEMENTS = 1 << 22
 
 
-def _row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """<x[g, i], y[g, i]> → (G, B) in ``dtype``. Small inputs through their (G, B, D) product; large ones without it,
-    since at the paper's critic shape (G = 64, B = 128, D = 2048) that is a fresh 64 MiB tensor, costlier than the
-    product itself: a broadcast operand makes each row's dots one matrix-vector product over the groups, else
-    einsum's batched contraction."""
+def row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """<x[..., i, :], y[..., i, :]> in ``dtype``, broadcast over the leading dimension: (G, B) for (G, B, D) groups.
+    Small inputs through their elementwise product; large groups without it, since at the paper's critic shape
+    (G = 64, B = 128, D = 2048) that is a fresh 64 MiB tensor, costlier than the dots themselves: a broadcast operand
+    makes each row's dots one matrix-vector product over the groups, else einsum's batched contraction."""
     x, y = x.to(dtype), y.to(dtype)
-    if max(x.shape[0], y.shape[0]) * x.shape[1] * x.shape[2] < _PRODUCT_ELEMENTS:
+    if x.dim() != 3 or y.dim() != 3 or max(x.shape[0], y.shape[0]) * x.shape[1] * x.shape[2] < _PRODUCT_ELEMENTS:
         return (x * y).sum(-1)
     if x.shape[0] == 1 and y.shape[0] > 1:
         x, y = y, x
