@@ -2,8 +2,9 @@
 
 Every bound is  t[g, i] = positive(S_ii) − negative(statistic of S)  (design §1). The positive part needs only the
 paired scores S_ii = scale·<x_i, y_i> (O(B·D)); the negative part is the fused reduction of
-:mod:`rmi_fast.ops.pairwise`, which never stores a B×B matrix and, for the MI bounds, returns the paired dots too. The contrastive losses' extra terms (a class target,
-label smoothing's mean score, SupCon's same-class positives) are O(B·D) too. With ``gather`` the negative part runs
+:mod:`rmi_fast.ops.pairwise`, which never stores a B×B matrix and, for the MI bounds, returns the paired dots too.
+The contrastive losses' extra terms (a class target, label smoothing's mean score, SupCon's same-class positives)
+are O(B·D) too. With ``gather`` the negative part runs
 against the rows of every data-parallel rank (:mod:`rmi_fast.distributed`).
 """
 from __future__ import annotations

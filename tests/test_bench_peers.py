@@ -3,10 +3,11 @@
 The bench checks every peer's value and gradients against ours before timing it; these tests run that same check
 (``runner.mismatch``) through the adapters of ``rmi_fast.bench.impls`` without a GPU, so a wrong adapter is caught
 before a GPU run is spent on it. They skip unless the peer is installed (the test extra installs them).
-torch-mist runs on the CPU as it is (scripts/setup.sh installs it). memeff's Triton kernels run under the interpreter once its CUDA-only guards are lifted; cut-cross-entropy runs its
-own pure-PyTorch implementation (``impl="torch_compile"``) of the same function, as its kernels take pointer arguments
-the interpreter cannot; inf-cl's kernels use inline PTX, so its row log-sum-exp is computed eagerly here and the
-rest of its loss (scale, head split, positives) and our adapter are what is checked.
+torch-mist runs on the CPU as it is (scripts/setup.sh installs it). memeff's Triton kernels run under the interpreter
+once its CUDA-only guards are lifted; cut-cross-entropy runs its own pure-PyTorch implementation
+(``impl="torch_compile"``) of the same function, as its kernels take pointer arguments the interpreter cannot;
+inf-cl's kernels use inline PTX, so its row log-sum-exp is computed eagerly here and the rest of its loss (scale,
+head split, positives) and our adapter are what is checked.
 """
 from __future__ import annotations
 
