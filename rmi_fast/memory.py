@@ -20,19 +20,20 @@ _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 @functools.cache
-def _compiled():
+def compiled_cpu():
+    """The compiled module where it has the C++ CPU entry points (csrc/cpu/bind.cpp), else None."""
     try:
         module = importlib.import_module("rmi_fast._C")
     except ImportError:
         return None
-    return module if hasattr(module, "cpu_empty") else None
+    return module if hasattr(module, "cpu_pair_reduce") else None
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """torch.empty_like(t), contiguous; an fp32 CPU tensor of 2 MiB or more on transparent huge pages."""
     if (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() * 4 >= _HUGE_PAGE
-            and not torch.compiler.is_compiling() and _compiled() is not None):
-        return _compiled().cpu_empty(list(t.shape))
+            and not torch.compiler.is_compiling() and compiled_cpu() is not None):
+        return compiled_cpu().cpu_empty(list(t.shape))
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 

@@ -108,6 +108,35 @@ def test_gradients_flow_only_where_required(backend):
     assert x.grad is not None and y.grad is None and scale.grad is None
 
 
+@pytest.mark.parametrize("bound", ["infonce", "dv", "jsd"])
+def test_retained_graph_backward_repeats(backend, bound):
+    """A mean bound (fused where the backend fuses) run backward on a retained graph and then once more, freeing it,
+    then through autograd.grad on a fresh graph: every gradient is the oracle's (the saved unit gradients are rescaled
+    in place only by the backward that frees the graph)."""
+    x, y = _inputs((2, 31, 6), (2, 31, 6))
+    scale = torch.tensor(1.3, requires_grad=True)
+    value = rf.mi_bound(x, y, bound, scale=scale, backend=backend)
+    ref = _oracle(bound, x, y, 1.3, "mean", None, **_kwargs(bound, "exclude"))
+    tol = tolerance(torch.float32)
+    for passes in (1, 2):
+        value.backward(retain_graph=passes == 1)
+        for got, want in zip((x.grad, y.grad, scale.grad), ref[1:]):
+            torch.testing.assert_close(got.double(), passes * want, **tol)
+    again = torch.autograd.grad(rf.mi_bound(x, y, bound, scale=scale, backend=backend), (x, y, scale))
+    for got, want in zip(again, ref[1:]):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("bound", ["infonce", "dv"])
+def test_second_derivatives_are_refused(backend, bound):
+    """create_graph through the kernels' first-order backward raises rather than leave this op out of a second
+    derivative."""
+    x, y = _inputs((17, 5), (17, 5))
+    value = rf.mi_bound(x, y, bound, backend=backend) + x.pow(3).sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(value, x, create_graph=True)
+
+
 @pytest.mark.parametrize("used", ["rows", "columns", "neither"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_statistic_left_unused_gets_no_gradient(backend, used, fused):
@@ -136,16 +165,23 @@ def test_a_statistic_left_unused_gets_no_gradient(backend, used, fused):
     torch.testing.assert_close(y.grad.double(), dy, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("rows", ["compiled", "large", "small"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("bound", ["infonce", "dv", "jsd"])
 @pytest.mark.parametrize("shape", ["x_broadcast", "y_broadcast", "grouped"])
-def test_large_grouped_positives(backend, bound, shape, reduction, monkeypatch):
-    """Grouped inputs whose (G, B, D) product is large skip it in the positive part (batched matrix-vector products
-    and einsum instead); forced here at small sizes, fused (mean) and not (none): value and gradients, the scale's
-    included, match the oracle."""
+def test_grouped_positives_on_every_path(backend, bound, shape, reduction, rows, monkeypatch):
+    """The positive part of grouped inputs on each of its paths: the C++ row kernels (contiguous fp32 CPU groups)
+    and, without them, the elementwise product for small inputs and its skipping for large ones (batched
+    matrix-vector products and einsum; forced here at small sizes). Fused (mean) and not (none), value and gradients,
+    the scale's included, match the oracle."""
+    from rmi_fast import memory
     from rmi_fast.ops import pairwise
 
-    monkeypatch.setattr(pairwise, "_PRODUCT_ELEMENTS", 0)
+    if rows == "compiled" and memory.compiled_cpu() is None:
+        pytest.skip("the compiled module is not built")
+    if rows != "compiled":
+        monkeypatch.setattr(pairwise, "_row_kernels", lambda *tensors: None)
+    monkeypatch.setattr(pairwise, "_PRODUCT_ELEMENTS", 0 if rows == "large" else 1 << 40)
     x, y = _inputs(*SHAPES[shape])
     scale = torch.tensor(1.3, requires_grad=True)
     value = rf.mi_bound(x, y, bound, scale=scale, backend=backend, reduction=reduction)

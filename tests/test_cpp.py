@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rmi_fast as rf
-from rmi_fast import backends
+from rmi_fast import backends, memory
 from rmi_fast import reference as R
 from rmi_fast.ops.spec import PairSpec
 
@@ -333,3 +333,42 @@ def test_register_blocked_gemm_shapes(cpp, name, G, B, D):
     y = 0.5 * x + _embeddings((G, B, D), 12)
     _check(cpp, x, y, 3.0, SPECS[name])
     _check(cpp, x[:1], y, 3.0, SPECS[name])
+
+
+@pytest.mark.parametrize("Gx,Gy", [(1, 5), (5, 1), (5, 5), (1, 1)])
+@pytest.mark.parametrize("D", [13, 64])
+def test_row_kernels_against_oracle(Gx, Gy, D):
+    """The positive part's row kernels (csrc/cpu/rows.h): the paired dots with either side broadcast, and the
+    weighted rows summed into a broadcast operand or added row by row, against fp64; D = 13 leaves a vector tail."""
+    C = memory.compiled_cpu()
+    x, y = _embeddings((Gx, 37, D), 20), _embeddings((Gy, 37, D), 21)
+    G = max(Gx, Gy)
+    torch.testing.assert_close(C.cpu_row_dots(x, y).double(), (x.double() * y.double()).sum(-1), **F32)
+    w = torch.rand(G, 37, generator=torch.Generator().manual_seed(22))
+    for out_groups, other in ((Gx, y), (Gy, x)):  # x's gradient from y's rows and y's from x's
+        part = w.double().unsqueeze(-1) * other.double()
+        want = part.sum(0, keepdim=True) if out_groups == 1 else part.expand(G, 37, D)
+        start = _embeddings((out_groups, 37, D), 23)
+        for accumulate in (False, True):
+            out = start.clone()
+            C.cpu_add_weighted_rows(out, w, other, accumulate)
+            torch.testing.assert_close(out.double(), want + start.double() * accumulate, **F32)
+
+
+def test_row_kernels_refuse_bad_inputs():
+    C = memory.compiled_cpu()
+    x, y = torch.randn(2, 8, 4), torch.randn(2, 8, 4)
+    with pytest.raises(RuntimeError, match="y must be a contiguous float32"):
+        C.cpu_row_dots(x, y.double())
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        C.cpu_row_dots(x.transpose(1, 2).contiguous().transpose(1, 2), y)
+    with pytest.raises(RuntimeError, match="same rows and features"):
+        C.cpu_row_dots(x, y[:, :5].contiguous())
+    with pytest.raises(RuntimeError, match="group counts"):
+        C.cpu_row_dots(x, torch.randn(3, 8, 4))
+    with pytest.raises(RuntimeError, match="w must have 2 dimensions"):
+        C.cpu_add_weighted_rows(x.clone(), torch.rand(2, 8, 1), y, True)
+    with pytest.raises(RuntimeError, match="must agree"):
+        C.cpu_add_weighted_rows(x.clone(), torch.rand(2, 7), y, True)
+    with pytest.raises(RuntimeError, match="out must have 1 or 2 groups"):
+        C.cpu_add_weighted_rows(torch.zeros(3, 8, 4), torch.rand(2, 8), y, True)

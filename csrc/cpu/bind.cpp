@@ -1,6 +1,7 @@
 // Python entry points of the C++ CPU kernels (rmi_fast.cpu.CppBackend calls them).
 #include <torch/extension.h>
 
+#include "rows.h"
 #include "sweep.h"
 #include "vec_ops.h"
 
@@ -47,6 +48,20 @@ void bind_cpu(py::module_& m) {
         py::arg("y"), py::arg("scale"), py::arg("family"), py::arg("transform"), py::arg("clip"),
         py::arg("diagonal"), py::arg("diag_offset"), py::arg("columns"), py::arg("stats"), py::arg("weights"),
         py::arg("want_dx"), py::arg("want_dy"), py::arg("want_dscale"));
+  m.def("cpu_row_dots",
+        [](const at::Tensor& x, const at::Tensor& y) {
+          py::gil_scoped_release no_gil;
+          return cpu::row_dots(x, y);
+        },
+        "(G, B) paired dots <x[g, i], y[g, i]> of (G, B, D) fp32 tensors, either side broadcast", py::arg("x"),
+        py::arg("y"));
+  m.def("cpu_add_weighted_rows",
+        [](at::Tensor out, const at::Tensor& w, const at::Tensor& other, bool accumulate) {
+          py::gil_scoped_release no_gil;
+          cpu::add_weighted_rows(out, w, other, accumulate);
+        },
+        "out (+)= w[g, i]·other[g, i] row by row, summed over the groups where out has one", py::arg("out"),
+        py::arg("w"), py::arg("other"), py::arg("accumulate"));
   m.def("cpu_empty", [](std::vector<int64_t> sizes) { return cpu::empty_f32(sizes); },
         "An uninitialised fp32 CPU tensor, on transparent huge pages from 2 MiB on (see rmi_fast.memory)",
         py::arg("sizes"));

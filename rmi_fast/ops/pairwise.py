@@ -117,15 +117,23 @@ def _grad_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _backward(ctx, g0, g1, _gdx, _gdy, _gdscale, gdots, grads_op=_pair_reduce_backward):
+def _frees_graph() -> bool:
+    """Whether the running backward frees the graph after it (no retain_graph, no create_graph): then the saved
+    unit gradients are never read again and may be rescaled in place."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
+
+
+def _backward(ctx, g0, g1, _gdx, _gdy, _gdscale, gdots, eager=False):
     want = ctx.needs_input_grad[:3]
+    saved = ctx.saved_tensors  # unpacked once: unpacking checks versions, and the fused path may rescale in place
     if g0 is not None or (g1 is not None and ctx.options["columns"]):
-        grads = _statistic_grads(ctx, g0, g1, want, grads_op)
+        grads = _statistic_grads(ctx, saved, g0, g1, want, eager)
     else:  # no statistic reached a loss (eager calls leave such gradients unmaterialised)
         grads = [None, None, None]
     if ctx.positives and gdots is not None:
         # The positives' gradients, added in place to the fresh tensors of the statistics' ones where there are any.
-        x, y = ctx.saved_tensors[3:5] if ctx.fused else ctx.saved_tensors[:2]
+        x, y = saved[3:5] if ctx.fused else saved[:2]
         if want[0]:
             grads[0] = _add_weighted_rows(grads[0], gdots, y, x)
         if want[1]:
@@ -133,8 +141,8 @@ def _backward(ctx, g0, g1, _gdx, _gdy, _gdscale, gdots, grads_op=_pair_reduce_ba
     return (*grads,) + (None,) * 13
 
 
-def _statistic_grads(ctx, g0, g1, want, grads_op) -> list[torch.Tensor | None]:
-    """(dx, dy, dscale) of the statistics, each a fresh tensor or None."""
+def _statistic_grads(ctx, saved, g0, g1, want, eager) -> list[torch.Tensor | None]:
+    """(dx, dy, dscale) of the statistics, each a tensor of their own or None."""
     if ctx.fused:
         # Every statistic's upstream gradient is the same scalar w (see module docstring): grads = w · unit grads.
         if ctx.options["columns"] and (g0 is None or g1 is None):
@@ -142,11 +150,16 @@ def _statistic_grads(ctx, g0, g1, want, grads_op) -> list[torch.Tensor | None]:
                                f"the {'column' if g0 is None else 'row'} statistic reached the loss: call it with "
                                "fused=False")
         w = g0.reshape(-1)[0]
-        return [torch.mul(t, w, out=memory.empty_like(t)) if need else None
-                for t, need in zip(ctx.saved_tensors[:3], want)]
-    x, y, scale, stat0, stat1 = ctx.saved_tensors
+        units = saved[:3]
+        if eager and _frees_graph():
+            # Freed with the graph as soon as this returns, the unit gradients become the gradients: at the paper's
+            # critic shape one 64 MiB tensor fewer at the peak, and autograd can take them over as .grad uncopied.
+            return [t.mul_(w) if need else None for t, need in zip(units, want)]
+        return [torch.mul(t, w, out=memory.empty_like(t)) if need else None for t, need in zip(units, want)]
+    x, y, scale, stat0, stat1 = saved
     w1 = _grad_zero(g1, stat1) if ctx.options["columns"] else stat1
     o = ctx.options
+    grads_op = _pair_reduce_backward_impl if eager else _pair_reduce_backward
     dx, dy, dscale = grads_op(
         x, y, scale, stat0, stat1, _grad_zero(g0, stat0), w1,
         o["family"], o["transform"], o["clip"], o["diagonal"], o["diag_offset"], o["columns"], o["deterministic"],
@@ -174,7 +187,11 @@ class _EagerPairReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        return _backward(ctx, *grad_outputs, grads_op=_pair_reduce_backward_impl)
+        if torch.is_grad_enabled():  # create_graph: a second derivative would silently leave out this op's part
+            raise RuntimeError("rmi_fast's pair_reduce gives first-order gradients only (its backward runs kernels), "
+                               "so create_graph=True cannot differentiate through it: for second derivatives of a "
+                               "bound differentiate its eager formula in rmi_fast.reference")
+        return _backward(ctx, *grad_outputs, eager=True)
 
 
 def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: PairSpec, backend: str = "auto",
@@ -204,12 +221,28 @@ def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: Pai
 _PRODUCT_ELEMENTS = 1 << 22
 
 
+def _row_kernels(*tensors: torch.Tensor):
+    """The compiled module, where its row kernels (csrc/cpu/rows.h) serve these tensors: contiguous fp32 (G, B, D)
+    CPU tensors, none of them to be differentiated through (the kernels are not), outside torch.compile's tracing
+    (which must see torch ops); else None."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 3 and t.is_contiguous()
+               for t in tensors):
+        return None
+    return memory.compiled_cpu()
+
+
 def row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """<x[..., i, :], y[..., i, :]> in ``dtype``, broadcast over the leading dimension: (G, B) for (G, B, D) groups.
-    Small inputs through their elementwise product; large groups without it, since at the paper's critic shape
-    (G = 64, B = 128, D = 2048) that is a fresh 64 MiB tensor, costlier than the dots themselves: a broadcast operand
-    makes each row's dots one matrix-vector product over the groups, else einsum's batched contraction."""
+    Contiguous fp32 CPU groups row by row in C++; else small inputs through their elementwise product and large
+    groups without it, since at the paper's critic shape (G = 64, B = 128, D = 2048) that is a fresh 64 MiB tensor,
+    costlier than the dots themselves: a broadcast operand makes each row's dots one matrix-vector product over the
+    groups, else einsum's batched contraction."""
     x, y = x.to(dtype), y.to(dtype)
+    kernels = _row_kernels(x, y)
+    if kernels is not None:
+        return kernels.cpu_row_dots(x, y)
     if x.dim() != 3 or y.dim() != 3 or max(x.shape[0], y.shape[0]) * x.shape[1] * x.shape[2] < _PRODUCT_ELEMENTS:
         return (x * y).sum(-1)
     if x.shape[0] == 1 and y.shape[0] > 1:
@@ -223,6 +256,11 @@ def _add_weighted_rows(out: torch.Tensor | None, w: torch.Tensor, other: torch.T
                        operand: torch.Tensor) -> torch.Tensor:
     """out + ∂(Σ_gi w[g, i]·<operand[g, i], other[g, i]>)/∂operand: w[g, i]·other[g, i], summed over the groups where
     the operand is broadcast; added in place when out is given, else a new tensor like the operand."""
+    kernels = _row_kernels(operand, other, *(() if out is None else (out,))) if w.dtype == torch.float32 else None
+    if kernels is not None:
+        target = memory.empty_like(operand) if out is None else out
+        kernels.cpu_add_weighted_rows(target, w.contiguous(), other, out is not None)
+        return target
     if operand.shape[0] == 1 and w.shape[0] > 1:
         if other.numel() < _PRODUCT_ELEMENTS:
             part = (w.unsqueeze(-1) * other).sum(0, keepdim=True)
