@@ -339,7 +339,8 @@ def test_register_blocked_gemm_shapes(cpp, name, G, B, D):
 @pytest.mark.parametrize("D", [13, 64])
 def test_row_kernels_against_oracle(Gx, Gy, D):
     """The positive part's row kernels (csrc/cpu/rows.h): the paired dots with either side broadcast, and the
-    weighted rows summed into a broadcast operand or added row by row, against fp64; D = 13 leaves a vector tail."""
+    weighted rows summed into a broadcast operand or added row by row (overwriting, accumulating, accumulating onto
+    the rescaled rows), against fp64; D = 13 leaves a vector tail."""
     C = memory.compiled_cpu()
     x, y = _embeddings((Gx, 37, D), 20), _embeddings((Gy, 37, D), 21)
     G = max(Gx, Gy)
@@ -349,10 +350,10 @@ def test_row_kernels_against_oracle(Gx, Gy, D):
         part = w.double().unsqueeze(-1) * other.double()
         want = part.sum(0, keepdim=True) if out_groups == 1 else part.expand(G, 37, D)
         start = _embeddings((out_groups, 37, D), 23)
-        for accumulate in (False, True):
+        for accumulate, keep in ((False, 0.5), (True, 1.0), (True, -0.75)):
             out = start.clone()
-            C.cpu_add_weighted_rows(out, w, other, accumulate)
-            torch.testing.assert_close(out.double(), want + start.double() * accumulate, **F32)
+            C.cpu_add_weighted_rows(out, w, other, accumulate, keep)
+            torch.testing.assert_close(out.double(), want + keep * start.double() * accumulate, **F32)
 
 
 def test_row_kernels_refuse_bad_inputs():

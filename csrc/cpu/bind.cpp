@@ -56,12 +56,12 @@ void bind_cpu(py::module_& m) {
         "(G, B) paired dots <x[g, i], y[g, i]> of (G, B, D) fp32 tensors, either side broadcast", py::arg("x"),
         py::arg("y"));
   m.def("cpu_add_weighted_rows",
-        [](at::Tensor out, const at::Tensor& w, const at::Tensor& other, bool accumulate) {
+        [](at::Tensor out, const at::Tensor& w, const at::Tensor& other, bool accumulate, double keep) {
           py::gil_scoped_release no_gil;
-          cpu::add_weighted_rows(out, w, other, accumulate);
+          cpu::add_weighted_rows(out, w, other, accumulate, static_cast<float>(keep));
         },
-        "out (+)= w[g, i]·other[g, i] row by row, summed over the groups where out has one", py::arg("out"),
-        py::arg("w"), py::arg("other"), py::arg("accumulate"));
+        "out ← keep·out (with accumulate) + w[g, i]·other[g, i] row by row, summed over the groups where out has "
+        "one", py::arg("out"), py::arg("w"), py::arg("other"), py::arg("accumulate"), py::arg("keep") = 1.0);
   m.def("cpu_empty", [](std::vector<int64_t> sizes) { return cpu::empty_f32(sizes); },
         "An uninitialised fp32 CPU tensor, on transparent huge pages from 2 MiB on (see rmi_fast.memory)",
         py::arg("sizes"));

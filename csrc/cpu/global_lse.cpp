@@ -97,11 +97,8 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
       Workspace& w = sw.workspace(p);
       // f = 0: the reference rose from −inf, so nothing but zeros has been accumulated yet.
       if (want.dy && f != 1.0f && f != 0.0f) ops.scale(w.dy.data_ptr<float>(), pb.By * pb.D, f);
-      sw.backprop(p, g, i0, rows);
-      if (need_dxraw) {
-        std::copy_n(w.dxraw.data_ptr<float>(), rows * pb.D, raw.data_ptr<float>() + i0 * pb.D);
-        tile_max[i0 / R] = accs[p].max;
-      }
+      sw.backprop(p, g, i0, rows, nullptr, need_dxraw ? raw.data_ptr<float>() + i0 * pb.D : nullptr);
+      if (need_dxraw) tile_max[i0 / R] = accs[p].max;
     });
     const float Lg = merged(accs);
     L[g] = Lg;

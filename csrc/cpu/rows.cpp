@@ -41,7 +41,7 @@ at::Tensor row_dots(const at::Tensor& x, const at::Tensor& y) {
   return out;
 }
 
-void add_weighted_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& other, bool accumulate) {
+void add_weighted_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& other, bool accumulate, float keep) {
   check(out, "out", 3), check(w, "w", 2), check(other, "other", 3);
   const int64_t G = w.size(0), B = w.size(1), D = other.size(2), Go = other.size(0);
   TORCH_CHECK(other.size(1) == B && out.size(1) == B && out.size(2) == D, "w (G, B), other and out (., B, D) must "
@@ -53,18 +53,27 @@ void add_weighted_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& o
   float* dst = out.data_ptr<float>();
   const VecOps& ops = vec_ops();
   auto other_row = [&](int64_t g, int64_t i) { return src + ((Go == 1 ? 0 : g) * B + i) * D; };
+  // The rescale of a row right before its first update, while the row is in L1: no pass of its own.
+  auto rescale = [&](float* row) {
+    if (accumulate && keep != 1.0f) ops.scale(row, D, keep);
+  };
   if (summed) {
     // Groups in order for every row: the same sum whatever the thread count. Each thread's rows stay in cache while
     // it streams the groups' contiguous stretches of those rows past them.
     at::parallel_for(0, B, std::max<int64_t>(1, grain(D) / G), [&](int64_t begin, int64_t end) {
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = begin; i < end; ++i)
+        for (int64_t i = begin; i < end; ++i) {
+          if (g == 0) rescale(dst + i * D);
           ops.axpy(dst + i * D, wp[g * B + i], other_row(g, i), D, accumulate || g > 0);
+        }
     });
     return;
   }
   at::parallel_for(0, G * B, grain(D), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) ops.axpy(dst + r * D, wp[r], other_row(r / B, r % B), D, accumulate);
+    for (int64_t r = begin; r < end; ++r) {
+      rescale(dst + r * D);
+      ops.axpy(dst + r * D, wp[r], other_row(r / B, r % B), D, accumulate);
+    }
   });
 }
 

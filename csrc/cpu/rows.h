@@ -12,9 +12,10 @@ namespace rmi_fast::cpu {
 // (G, B): <x[gx, i], y[gy, i]> for x (Gx, B, D), y (Gy, B, D), fp32 and contiguous, Gx, Gy ∈ {1, G}.
 at::Tensor row_dots(const at::Tensor& x, const at::Tensor& y);
 
-// out[go, i] (+)= Σ w[g, i]·other[g', i], the sum over the groups g that map to go: all of them where out is
-// (1, B, D) and w has G > 1 rows (a broadcast operand's gradient), else go = g. w (G, B); other (Go', B, D) with
-// Go' ∈ {1, G}; every tensor fp32 and contiguous. Accumulates into out, or overwrites it without `accumulate`.
-void add_weighted_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& other, bool accumulate);
+// out[go, i] ← keep·out[go, i] + Σ w[g, i]·other[g', i] (with `accumulate`; else out is overwritten, unread), the
+// sum over the groups g that map to go: all of them where out is (1, B, D) and w has G > 1 rows (a broadcast
+// operand's gradient), else go = g. w (G, B); other (Go', B, D) with Go' ∈ {1, G}; every tensor fp32 and
+// contiguous. One pass over out, its rescale included.
+void add_weighted_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& other, bool accumulate, float keep);
 
 }  // namespace rmi_fast::cpu

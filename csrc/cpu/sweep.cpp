@@ -172,7 +172,7 @@ void Sweep::begin_group(int64_t p) {
   if (want_.dy) ws_[p].dy.zero_();
 }
 
-void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float* row_factor) {
+void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float* row_factor, float* raw) {
   if (!want_.any()) return;
   Workspace& w = ws_[p];
   at::Tensor Gt = w.S.narrow(0, 0, rows);
@@ -186,16 +186,15 @@ void Sweep::backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float
   }
   const int64_t D = pb_.D;
   if (want_.dx || want_.dscale) {
-    at::Tensor out = w.dxraw.narrow(0, 0, rows);
-    if (gemm_ != nullptr)
-      gemm_->nn(Gt.data_ptr<float>(), pb_.By, pb_.y_group(g).data_ptr<float>(), D, rows, D, pb_.By,
-                out.data_ptr<float>(), D, false);
-    else
+    float* o = raw != nullptr ? raw : w.dxraw.data_ptr<float>();
+    if (gemm_ != nullptr) {
+      gemm_->nn(Gt.data_ptr<float>(), pb_.By, pb_.y_group(g).data_ptr<float>(), D, rows, D, pb_.By, o, D, false);
+    } else {
+      at::Tensor out = at::from_blob(o, {rows, D}, w.dxraw.options());
       at::mm_out(out, Gt, pb_.y_group(g));
-    if (row_factor != nullptr) {
-      float* o = out.data_ptr<float>();
-      for (int64_t k = 0; k < rows; ++k) ops_.scale(o + k * D, D, row_factor[k]);
     }
+    if (row_factor != nullptr)
+      for (int64_t k = 0; k < rows; ++k) ops_.scale(o + k * D, D, row_factor[k]);
   }
   if (want_.dy) {
     at::Tensor xb = pb_.x_group(g).narrow(0, i0, rows);

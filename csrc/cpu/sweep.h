@@ -138,8 +138,10 @@ class Sweep {
   // With the gradient tile G = diag(f)·E, E in workspace(p).S and the row factors f (all 1 when null): when any
   // gradient is wanted, zeroes E on the diagonal (for exclude/zero), then
   //   dxraw = diag(f)·(E·y_g)  (when dx or dscale is wanted)   and   dy_p += Eᵀ·(diag(f)·x_block)  (when dy is),
-  // so a per-row factor costs O(rows·D), not a pass over the tile.
-  void backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float* row_factor = nullptr);
+  // so a per-row factor costs O(rows·D), not a pass over the tile. dxraw is written to `raw` (rows × D) when given,
+  // else to workspace(p).dxraw.
+  void backprop(int64_t p, int64_t g, int64_t i0, int64_t rows, const float* row_factor = nullptr,
+                float* raw = nullptr);
 
   // Emits the tile's dx from dxraw (or from `raw`, rows × D, when given) multiplied by `factor`:
   //   dx[rows] (+)= scale·factor·raw,   dscale_p += factor·Σ <x_i, raw_i>.

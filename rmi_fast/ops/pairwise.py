@@ -128,21 +128,27 @@ def _backward(ctx, g0, g1, _gdx, _gdy, _gdscale, gdots, eager=False):
     want = ctx.needs_input_grad[:3]
     saved = ctx.saved_tensors  # unpacked once: unpacking checks versions, and the fused path may rescale in place
     if g0 is not None or (g1 is not None and ctx.options["columns"]):
-        grads = _statistic_grads(ctx, saved, g0, g1, want, eager)
+        grads, factor = _statistic_grads(ctx, saved, g0, g1, want, eager)
     else:  # no statistic reached a loss (eager calls leave such gradients unmaterialised)
-        grads = [None, None, None]
+        grads, factor = [None, None, None], None
+    pending = [factor is not None] * 3  # which gradients still owe the in-place rescale
     if ctx.positives and gdots is not None:
-        # The positives' gradients, added in place to the fresh tensors of the statistics' ones where there are any.
+        # The positives' gradients, added in place to the tensors of the statistics' ones where there are any, in
+        # the same pass as their pending rescale.
         x, y = saved[3:5] if ctx.fused else saved[:2]
-        if want[0]:
-            grads[0] = _add_weighted_rows(grads[0], gdots, y, x)
-        if want[1]:
-            grads[1] = _add_weighted_rows(grads[1], gdots, x, y)
+        for k, (operand, other) in enumerate(((x, y), (y, x))):
+            if want[k]:
+                grads[k] = _add_weighted_rows(grads[k], gdots, other, operand, factor)
+                pending[k] = False
+    for g, rescale in zip(grads, pending):
+        if rescale and g is not None:
+            g.mul_(factor)
     return (*grads,) + (None,) * 13
 
 
-def _statistic_grads(ctx, saved, g0, g1, want, eager) -> list[torch.Tensor | None]:
-    """(dx, dy, dscale) of the statistics, each a tensor of their own or None."""
+def _statistic_grads(ctx, saved, g0, g1, want, eager) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """(dx, dy, dscale) of the statistics, each a tensor of their own or None, and the factor they are still to be
+    multiplied by in place (or None)."""
     if ctx.fused:
         # Every statistic's upstream gradient is the same scalar w (see module docstring): grads = w · unit grads.
         if ctx.options["columns"] and (g0 is None or g1 is None):
@@ -150,12 +156,13 @@ def _statistic_grads(ctx, saved, g0, g1, want, eager) -> list[torch.Tensor | Non
                                f"the {'column' if g0 is None else 'row'} statistic reached the loss: call it with "
                                "fused=False")
         w = g0.reshape(-1)[0]
-        units = saved[:3]
+        units = [t if need else None for t, need in zip(saved[:3], want)]
         if eager and _frees_graph():
-            # Freed with the graph as soon as this returns, the unit gradients become the gradients: at the paper's
-            # critic shape one 64 MiB tensor fewer at the peak, and autograd can take them over as .grad uncopied.
-            return [t.mul_(w) if need else None for t, need in zip(units, want)]
-        return [torch.mul(t, w, out=memory.empty_like(t)) if need else None for t, need in zip(units, want)]
+            # Freed with the graph as soon as this returns, the unit gradients become the gradients, rescaled in
+            # place: at the paper's critic shape one 64 MiB tensor fewer at the peak, and autograd can take them over
+            # as .grad uncopied.
+            return units, w
+        return [None if t is None else torch.mul(t, w, out=memory.empty_like(t)) for t in units], None
     x, y, scale, stat0, stat1 = saved
     w1 = _grad_zero(g1, stat1) if ctx.options["columns"] else stat1
     o = ctx.options
@@ -164,7 +171,7 @@ def _statistic_grads(ctx, saved, g0, g1, want, eager) -> list[torch.Tensor | Non
         x, y, scale, stat0, stat1, _grad_zero(g0, stat0), w1,
         o["family"], o["transform"], o["clip"], o["diagonal"], o["diag_offset"], o["columns"], o["deterministic"],
         o["backend"], *want)
-    return [t if need else None for t, need in zip((dx, dy, dscale), want)]
+    return [t if need else None for t, need in zip((dx, dy, dscale), want)], None
 
 
 _pair_reduce.register_autograd(_backward, setup_context=_setup_context)
@@ -252,15 +259,19 @@ def row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return torch.einsum("gbd,gbd->gb", x, y)
 
 
-def _add_weighted_rows(out: torch.Tensor | None, w: torch.Tensor, other: torch.Tensor,
-                       operand: torch.Tensor) -> torch.Tensor:
-    """out + ∂(Σ_gi w[g, i]·<operand[g, i], other[g, i]>)/∂operand: w[g, i]·other[g, i], summed over the groups where
-    the operand is broadcast; added in place when out is given, else a new tensor like the operand."""
+def _add_weighted_rows(out: torch.Tensor | None, w: torch.Tensor, other: torch.Tensor, operand: torch.Tensor,
+                       out_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """out·out_factor + ∂(Σ_gi w[g, i]·<operand[g, i], other[g, i]>)/∂operand, the second term w[g, i]·other[g, i]
+    summed over the groups where the operand is broadcast; in place when out is given (one pass over it, rescale
+    included), else a new tensor like the operand."""
     kernels = _row_kernels(operand, other, *(() if out is None else (out,))) if w.dtype == torch.float32 else None
     if kernels is not None:
         target = memory.empty_like(operand) if out is None else out
-        kernels.cpu_add_weighted_rows(target, w.contiguous(), other, out is not None)
+        keep = 1.0 if out_factor is None else float(out_factor)
+        kernels.cpu_add_weighted_rows(target, w.contiguous(), other, out is not None, keep)
         return target
+    if out is not None and out_factor is not None:
+        out.mul_(out_factor)
     if operand.shape[0] == 1 and w.shape[0] > 1:
         if other.numel() < _PRODUCT_ELEMENTS:
             part = (w.unsqueeze(-1) * other).sum(0, keepdim=True)
