@@ -7,12 +7,16 @@ dscale = Σ G∘(x·yᵀ) directly.
 Fused mode (``fused=True``): the caller promises that the upstream gradient of every statistic is one and the same
 scalar (true whenever the statistics feed a plain mean or sum, i.e. reduction="mean"/"sum"). A fused backend then
 computes the gradients for unit weights in the same sweep as the statistics (for the row family one GEMM fewer than
-forward + recomputing backward) and the backward only rescales them, as Liger-Kernel does for its losses.
+forward + recomputing backward) and the backward only rescales them, as Liger-Kernel does for its losses: in place
+when the backward frees the graph (eager calls without retain_graph), into new tensors otherwise.
 
 Positives (``positives=True``): the op also returns the paired dots <x_i, y_i>, so that the bounds' positive part
-and negative part share one autograd node: its backward adds the positives' gradients in place to the freshly
-rescaled (or computed) gradients of the statistics, one x- and one y-sized tensor in all, where two separate nodes
-would allocate a second pair and sum them.
+and negative part share one autograd node: its backward adds the positives' gradients in place to the statistics'
+gradients (in the same pass as their rescale), one x- and one y-sized tensor in all, where two separate nodes would
+allocate a second pair and sum them.
+
+The backward is first order: under create_graph it raises (eager calls) rather than return gradients that a second
+derivative would silently treat as constants.
 """
 from __future__ import annotations
 
