@@ -17,6 +17,10 @@ from . import tuning
 from .ops.spec import PairSpec
 
 
+#: The grid's y and z extents of one CUDA launch (the GPU backends put the groups on one of them).
+CUDA_MAX_GRID_YZ = 65535
+
+
 class BackendUnavailable(ValueError):
     """Raised when the requested backend (or every backend, for "auto") cannot serve the inputs."""
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+from pathlib import Path
 
 
 # ------------------------------------------------------------------------------------------------------------ info
@@ -426,9 +428,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The flags that name a file or folder a command writes: checked before the command's work, not after it.
+_OUTPUT_FLAGS = ("out", "json", "plot", "markdown", "table")
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """The nearest existing folder on the way to ``path`` must be a writable folder (the commands create the rest)."""
+    target = Path(path).expanduser().absolute()
+    if target.is_dir() and flag != "out":
+        raise ValueError(f"--{flag} {path}: is a folder, not a file")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag} {path}: cannot write under {folder}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command. A bad argument or input found while it runs (a ValueError, or an OSError such as a missing
+    data file) ends it with a one-line error, as argparse's own; RMI_FAST_DEBUG=1 shows the traceback instead."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        for flag in _OUTPUT_FLAGS:
+            if getattr(args, flag, None):
+                _check_writable(flag, getattr(args, flag))
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("RMI_FAST_DEBUG") == "1":
+            raise
+        print(f"rmi-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

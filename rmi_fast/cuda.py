@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend
+from .backends import CUDA_MAX_GRID_YZ, Backend
 from .ops.spec import PairSpec
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_GROUPS = 65535  # grid.y / grid.z limit of one launch
 
 
 def _compiled():
@@ -70,8 +69,8 @@ class CudaBackend(Backend):
         major, minor = torch.cuda.get_device_capability(x.device)
         if major < 8:
             return f"its kernels need compute capability 8.0 or newer, {x.device} has {major}.{minor}"
-        if max(x.shape[0], y.shape[0]) > _MAX_GROUPS:
-            return f"more than {_MAX_GROUPS} groups"
+        if max(x.shape[0], y.shape[0]) > CUDA_MAX_GRID_YZ:
+            return f"more than {CUDA_MAX_GRID_YZ} groups"
         return None
 
     # ------------------------------------------------------------------------------------------------ helpers

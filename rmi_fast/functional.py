@@ -10,6 +10,7 @@ against the rows of every data-parallel rank (:mod:`rmi_fast.distributed`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from . import backends, distributed
 from .checks import check_values
-from .ops.pairwise import pair_reduce, row_dots
+from .ops.pairwise import pair_reduce, row_dots, stat_dtype
 from .ops.spec import PairSpec
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -70,25 +71,49 @@ def _check_pair(xname: str, x: torch.Tensor, yname: str, y: torch.Tensor, same_r
 
 def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
     """A float or 0-d tensor → 0-d tensor of the statistics' dtype on the inputs' device (keeps its autograd link)."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = stat_dtype(like)
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0 or not scale.is_floating_point():
             raise ValueError(f"{name} must be a float or a 0-d floating-point tensor, got {scale.dtype} of shape "
                              f"{tuple(scale.shape)}")
         if scale.device != like.device:
             raise ValueError(f"{name} must be on the inputs' device {like.device}, got {scale.device}")
-        return scale.to(dtype)
+        scale = scale.to(dtype)
+        _check_finite_scale(name, scale)
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
     if not -math.inf < scale < math.inf:  # comparisons, not math.isfinite: they trace under torch.compile(dynamic=True)
         raise ValueError(f"{name} must be finite, got {scale}")
+    if not -torch.finfo(dtype).max <= scale <= torch.finfo(dtype).max:
+        raise ValueError(f"{name} overflows the scores' {dtype}: |{name}| > {torch.finfo(dtype).max:.4g}")
     return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
+
+
+def _check_finite_scale(name: str, scale: torch.Tensor) -> None:
+    """A tensor scale's value (NaN, ±inf or, after exp, an overflow) would turn every score into NaN or inf."""
+    check_values(torch.isfinite(scale), f"{name} must be finite", lambda: f", got {scale.item()}")
+
+
+def _temperature_scale(temperature, like: torch.Tensor) -> torch.Tensor:
+    """scale = 1/temperature as a 0-d tensor, for a positive finite temperature whose inverse fits the scores."""
+    tau = _check_positive("temperature", temperature)
+    if not 1.0 / tau <= torch.finfo(stat_dtype(like)).max:
+        raise ValueError(f"temperature={tau!r} is too small: the scale 1/temperature overflows the scores' "
+                         f"{stat_dtype(like)}")
+    return _scale_tensor("temperature", 1.0 / tau, like)
 
 
 def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_backend(backend) -> None:
@@ -153,9 +178,10 @@ def _resolve_scale(temperature, logit_scale, like: torch.Tensor, default_tempera
         raise ValueError("give either temperature (scale = 1/temperature) or logit_scale (scale = exp(logit_scale)), "
                          "not both")
     if logit_scale is not None:
-        return _scale_tensor("logit_scale", logit_scale, like).exp()
-    tau = _check_positive("temperature", default_temperature if temperature is None else temperature)
-    return _scale_tensor("temperature", 1.0 / tau, like)
+        scale = _scale_tensor("logit_scale", logit_scale, like).exp()
+        _check_finite_scale("exp(logit_scale)", scale)
+        return scale
+    return _temperature_scale(default_temperature if temperature is None else temperature, like)
 
 
 def _negative_stats(x3: torch.Tensor, y3: torch.Tensor, s: torch.Tensor, spec: PairSpec, backend: str, fused: bool,
@@ -208,18 +234,52 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
             mean over ranks is the bound of the whole batch; B is then W·B in the formulas), and its inputs get
             W × the whole-batch gradient, which DDP's averaging makes exact. See :mod:`rmi_fast.distributed`.
     """
+    clip = _check_bound_args(x, y, bound, reduction, backend, clip, diagonal, deterministic, gather)
+    if mine_ema is not None and bound != "mine":
+        raise ValueError(f"mine_ema is the moving average of bound='mine' only, got bound={bound!r}")
+    log_ema = None if mine_ema is None else _log_moving_average(mine_ema, x)
+    return _bound(x, y, bound, scale, reduction, backend, clip, diagonal, log_ema, deterministic, gather)
+
+
+def _check_bound_args(x, y, bound, reduction, backend, clip, diagonal, deterministic, gather) -> float:
+    """mi_bound's checks of everything but scale and mine_ema; → clip as a float."""
     _check_embeddings("x", x)
     _check_embeddings("y", y)
     _check_pair("x", x, "y", y)
     _check_choice("bound", bound, BOUNDS)
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_choice("diagonal", diagonal, ("exclude", "zero"))
+    if bound == "infonce" and diagonal == "zero":
+        raise ValueError("diagonal='zero' applies to the negatives of nwj, dv, smile, jsd and mine: infonce's "
+                         "positive is one of its B classes")
     _check_backend(backend)
+    _check_flags(deterministic=deterministic)
     _check_gather(gather)
-    clip = _check_positive("clip", clip)
     B = x.shape[-2] * _world_size(gather)
     if bound != "infonce" and B < 2:
         raise ValueError(f"bound={bound!r} needs negatives: x and y must hold at least 2 rows, got B={B}")
+    return _check_positive("clip", clip)
+
+
+def _log_moving_average(ema, like: torch.Tensor):
+    """log of MINE's moving average (a positive finite float or 0-d tensor): a float, or a 0-d tensor without
+    gradient in the statistics' dtype."""
+    if not isinstance(ema, torch.Tensor):
+        return math.log(_check_positive("mine_ema", ema))
+    if ema.dim() != 0 or not ema.is_floating_point():
+        raise ValueError(f"mine_ema must be a float or a 0-d floating-point tensor, got {ema.dtype} of shape "
+                         f"{tuple(ema.shape)}")
+    if ema.device != like.device:
+        raise ValueError(f"mine_ema must be on the inputs' device {like.device}, got {ema.device}")
+    ema = ema.detach().to(stat_dtype(like))
+    check_values(torch.isfinite(ema) & (ema > 0), "mine_ema must be a positive finite number",
+                 lambda: f", got {ema.item()}")
+    return ema.log()
+
+
+def _bound(x, y, bound, scale, reduction, backend, clip, diagonal, log_ema, deterministic, gather) -> torch.Tensor:
+    """mi_bound on checked arguments (log_ema: the log of mine's moving average, or None)."""
+    B = x.shape[-2] * _world_size(gather)
     s = _scale_tensor("scale", scale, x)
     x3, y3 = _as_groups(x, y)
     family, transform = _BOUND_FAMILY[bound]
@@ -241,49 +301,76 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
     else:  # dv, smile, mine: one log term per group
         log_n = math.log(B * (B - 1))
         if bound == "mine":
-            stat = _mine_log_term(stat, log_n, mine_ema)
+            stat = _mine_log_term(stat, log_n, log_ema)
         terms = pos - (stat - log_n).unsqueeze(-1)
     return _reduce(terms, reduction, squeeze=(x.dim() == 2 and y.dim() == 2))
 
 
-def _mine_log_term(L: torch.Tensor, log_n: float, ema) -> torch.Tensor:
+def _mine_log_term(L: torch.Tensor, log_n: float, log_ema) -> torch.Tensor:
     """Value L; gradient ∇L·m/ema with m = exp(L − log n) the batch's mean of exp S over negatives.
 
-    ∇ log m = ∇m / m, and MINE's bias-corrected gradient is ∇m / ema = ∇L · (m / ema).
+    ∇ log m = ∇m / m, and MINE's bias-corrected gradient is ∇m / ema = ∇L · (m / ema). The ratio is taken in log
+    space, so neither m nor the average under- or overflows on its own; a ratio beyond the dtype's range is capped
+    there, and the value stays exactly L.
     """
-    if ema is None:
+    if log_ema is None:
         return L
-    ema = torch.as_tensor(ema, dtype=L.dtype, device=L.device).detach()
-    factor = torch.exp(L.detach() - log_n) / ema
-    return L.detach() + (L - L.detach()) * factor
+    ratio = torch.exp(L.detach() - log_n - log_ema).clamp(max=torch.finfo(L.dtype).max)
+    return L.detach() + (L - L.detach()) * ratio
 
 
 class MINE:
     """MINE's moving average: ``value = mine(x, y)`` returns dv's value with the bias-corrected gradient.
 
-    momentum: weight of the old average (Belghazi et al. use 0.99). The average starts at the first batch's mean.
-    With ``gather`` among the options the average is over the pairs of every rank.
+    momentum: weight of the old average (Belghazi et al. use 0.99). The average starts at the first batch's mean and
+    is kept as its log (``log_ema``), so batches whose scores are far from 0 neither under- nor overflow it.
+    ``bound_kwargs`` and the call's keyword arguments are :func:`mi_bound`'s options (scale, reduction, backend,
+    clip, diagonal, deterministic, gather); with ``gather`` the average is over the pairs of every rank.
     """
 
     def __init__(self, momentum: float = 0.99, **bound_kwargs):
-        if not 0.0 <= momentum < 1.0:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.momentum = momentum
-        self.ema: torch.Tensor | None = None
+        _check_mine_options(bound_kwargs)
+        self.momentum = float(momentum)
+        self.log_ema: torch.Tensor | None = None
         self.bound_kwargs = bound_kwargs
 
+    @property
+    def ema(self) -> torch.Tensor | None:
+        """The moving average of mean_{k≠l} exp S_kl (None before the first batch)."""
+        return None if self.log_ema is None else self.log_ema.exp()
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        opts = {**self.bound_kwargs, **kwargs}
-        gather = opts.get("gather", False)
-        with torch.no_grad():  # this batch's mean of exp S over the negatives, exp(L − log n), averaged over groups
+        _check_mine_options(kwargs)
+        o = {**_MINE_OPTIONS, **self.bound_kwargs, **kwargs}
+        clip = _check_bound_args(x, y, "mine", o["reduction"], o["backend"], o["clip"], o["diagonal"],
+                                 o["deterministic"], o["gather"])
+        with torch.no_grad():  # log of this batch's mean of exp S over the negatives, exp(L − log n), over groups
             x3, y3 = _as_groups(x.detach(), y.detach())
-            s = _scale_tensor("scale", opts.get("scale", 1.0), x)
-            spec = PairSpec("global_lse", diagonal=opts.get("diagonal", "exclude"))
-            L = _negative_stats(x3, y3, s, spec, opts.get("backend", "auto"), False, gather)[0][0]
-            B = x.shape[-2] * _world_size(gather)
-            mean_exp = torch.exp(L - math.log(B * (B - 1))).mean()
-            self.ema = mean_exp if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * mean_exp
-        return mi_bound(x, y, "mine", mine_ema=self.ema, **opts)
+            s = _scale_tensor("scale", o["scale"], x)
+            spec = PairSpec("global_lse", diagonal=o["diagonal"], deterministic=o["deterministic"])
+            L = _negative_stats(x3, y3, s, spec, o["backend"], False, o["gather"])[0][0]
+            B = x.shape[-2] * _world_size(o["gather"])
+            log_mean = torch.logsumexp(L, 0) - math.log(L.numel() * B * (B - 1))
+            if self.log_ema is None:
+                self.log_ema = log_mean
+            else:  # log(momentum·ema + (1 − momentum)·mean)
+                keep = math.log(self.momentum) if self.momentum > 0 else -math.inf
+                self.log_ema = torch.logaddexp(self.log_ema + keep, log_mean + math.log1p(-self.momentum))
+        return _bound(x, y, "mine", o["scale"], o["reduction"], o["backend"], clip, o["diagonal"], self.log_ema,
+                      o["deterministic"], o["gather"])
+
+
+#: MINE's options: mi_bound's keyword arguments and their defaults, but for its own moving average.
+_MINE_OPTIONS = {name: p.default for name, p in inspect.signature(mi_bound).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "mine_ema"}
+
+
+def _check_mine_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(_MINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"MINE takes mi_bound's options {sorted(_MINE_OPTIONS)}, got {unknown}")
 
 
 # ----------------------------------------------------------------------------------------------- contrastive losses
@@ -328,6 +415,7 @@ def infonce_loss(za: torch.Tensor, zb: torch.Tensor, *, temperature: float | Non
     _check_pair("za", za, "zb", zb, same_rows=targets is None)
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_backend(backend)
+    _check_flags(normalize=normalize, detach_keys=detach_keys, symmetric=symmetric, deterministic=deterministic)
     _check_gather(gather)
     smoothing = _check_fraction("label_smoothing", label_smoothing)
     if targets is not None:
@@ -417,6 +505,7 @@ def nt_xent_loss(z: torch.Tensor, *, n_views: int | None = None, temperature: fl
     _check_embeddings("z", z, ndims=(2, 3))
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_backend(backend)
+    _check_flags(normalize=normalize, detach_keys=detach_keys, deterministic=deterministic)
     _check_gather(gather)
     min_views = 1 if labels is not None else 2
     out_shape = None
@@ -440,11 +529,10 @@ def nt_xent_loss(z: torch.Tensor, *, n_views: int | None = None, temperature: fl
         labels = _check_index_tensor("labels", labels, n, z, "class labels, one per sample")
     if z.shape[0] * _world_size(gather) < 2:
         raise ValueError(f"z must hold at least 2 rows (an anchor needs negatives), got {z.shape[0]}")
-    tau = _check_positive("temperature", temperature)
+    s = _temperature_scale(temperature, z)
     if normalize:
         z = F.normalize(z, dim=-1)
     keys = z.detach() if detach_keys else z
-    s = _scale_tensor("temperature", 1.0 / tau, z)
     # Every anchor has a positive (fused unit weights valid) unless labels leave some without one.
     fused = reduction != "none" and (labels is None or n_views >= 2)
     spec = PairSpec("row_lse", diagonal="exclude", deterministic=deterministic)

@@ -6,7 +6,7 @@
 #   3. the GPU tests (pytest -m gpu) with a JUnit XML;
 #   4. the GPU benchmarks (rmi-fast bench --device cuda: the design's cases first, then the rest) → JSON, PNG, markdown;
 #   5. the scaling curves (symmetric infonce_loss against B and D) → JSON, PNG.
-# Everything lands in $OUT (default ./gpu_out): gpu_run.log (every step's output and status), junit_gpu.xml,
+# Everything lands in $OUT (default ./gpu_out): gpu_run.log (every step's output and status), junit_gpu*.xml,
 # bench_gpu.json/.png/.md, bench_gpu_scaling.json/.png. A failing step is logged and the script goes on.
 # The second mode, tune, runs steps 1–2 and then `rmi-fast tune --device cuda` → tune_gpu.json (every measurement)
 # and tuned_<device key>.json (the dispatch table: commit it as rmi_fast/tuned/<device key>.json, the report under
@@ -132,11 +132,21 @@ build() {
   RMI_FAST_CUDA_ARCH=$arch RMI_FAST_BUILD_JOBS=$(nproc) \
     pipv install -v --no-index --no-deps --no-build-isolation -e . || return 1
   "$PY" -m rmi_fast.cli info
+  # setup.py falls back to a Python-only install when CMake fails: stop here rather than fail every CUDA test
+  "$PY" -c "import rmi_fast._C as c; assert c.with_cuda, 'rmi_fast._C was built without the CUDA kernels'"
 }
 
 # ------------------------------------------------------------------------------------------------- 3 – 5. run all
+# Two runs, each with its own JUnit XML (pytest writes it only when a run ends, so a run stopped by its limit loses
+# its report): the CUDA kernels' tests, then every other GPU test. Each test is capped where pytest-timeout exists.
 gpu_tests() {
-  "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/junit_gpu.xml"
+  local cap=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && cap=(--timeout=90)
+  local rc=0
+  "$PY" -m pytest tests/test_cuda.py -m gpu -q -p no:cacheprovider "${cap[@]}" --junitxml="$OUT/junit_gpu_cuda.xml" || rc=$?
+  "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${cap[@]}" --ignore=tests/test_cuda.py \
+    --junitxml="$OUT/junit_gpu.xml" || rc=$?
+  return $rc
 }
 
 BENCH_CASES=${RMI_FAST_BENCH_CASES:-}

@@ -10,6 +10,7 @@ import torch
 import rmi_fast as rf
 from rmi_fast import backends
 from rmi_fast import reference as R
+from rmi_fast.ops.spec import PairSpec
 
 from conftest import tolerance
 
@@ -293,6 +294,54 @@ def test_mine_tracks_the_moving_average(backend):
     assert mine.ema.item() == pytest.approx(batch_mean.item(), rel=1e-4)
     mine(x, y)  # same batch again: the average is unchanged
     assert mine.ema.item() == pytest.approx(batch_mean.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("case", ["all exp S underflow", "scores near 1e4"])
+def test_mine_stays_exact_at_extreme_scores(backend, case):
+    """The moving average is kept in log space: where exp S under- or overflows fp32 the value is still dv's and the
+    gradient, against the batch's own average on the first call, is dv's."""
+    x, y = _inputs((12, 8), (12, 8))
+    with torch.no_grad():
+        if case == "all exp S underflow":  # every score near −110: exp S = 0 in fp32
+            x.mul_(0.1)[:, 0] = 11.0
+            y.mul_(0.1)[:, 0] = -10.0
+        else:
+            y.copy_(x + 0.1 * torch.randn_like(x))
+    scale = 1.0 if case == "all exp S underflow" else 1e4 / 8
+    t = rf.MINE(scale=scale, backend=backend)(x, y)
+    gx, gy = torch.autograd.grad(t, (x, y))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    ref = R.dv(x64, y64, scale).mean()
+    rgx, rgy = torch.autograd.grad(ref, (x64, y64))
+    torch.testing.assert_close(t.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    torch.testing.assert_close(gx.double(), rgx, rtol=1e-3, atol=1e-3 * rgx.abs().max().item())
+    torch.testing.assert_close(gy.double(), rgy, rtol=1e-3, atol=1e-3 * rgy.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["cpp", "torch", "triton"])
+def test_fp16_nwj_past_the_fp16_range(name):
+    """NWJ's G = w·e^(S − 1), and its unit-weight gradients Σ_j e^(S_ij − 1)·y_j, pass fp16's largest value (65504)
+    while the gradients of the mean do not: fp16 inputs take the unfused backward, and the Triton kernels keep G in
+    fp32, so the gradients are finite and fp16-accurate."""
+    g = torch.Generator().manual_seed(12)
+    u = torch.randn(16, generator=g)
+    u = u / u.norm() * math.sqrt(12.8)  # every score ≈ 13
+    x = (u + 0.05 * torch.randn(17, 16, generator=g)).half().requires_grad_()
+    y = (u + 0.05 * torch.randn(17, 16, generator=g)).half().requires_grad_()
+    reason = backends.get(name).why_not(x.unsqueeze(0), y.unsqueeze(0), PairSpec("row_sum", "exp_m1"))
+    if reason is not None:
+        pytest.skip(reason)
+    t = rf.mi_bound(x, y, "nwj", backend=name)
+    gx, gy = torch.autograd.grad(t, (x, y))
+    x64, y64 = (v.detach().double().requires_grad_() for v in (x, y))
+    ref = R.nwj(x64, y64).mean()
+    rgx, rgy = torch.autograd.grad(ref, (x64, y64))
+    assert (x64.detach() @ y64.detach().T).max() > 13.0  # e^(S − 1) > 65504 somewhere
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    torch.testing.assert_close(t.double(), ref.detach(), rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(gx.double(), rgx, rtol=3e-2, atol=3e-2 * rgx.abs().max().item())
+    torch.testing.assert_close(gy.double(), rgy, rtol=3e-2, atol=3e-2 * rgy.abs().max().item())
 
 
 def test_deterministic_is_bitwise_repeatable(backend):

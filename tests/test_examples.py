@@ -22,3 +22,13 @@ def test_example_runs(script, last_line):
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("step    2")
     assert lines[-1].startswith(last_line)
+
+
+def test_readme_kernel_examples_run():
+    """The README's code blocks that stand alone run as written."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```python\n")[1:]]
+    standalone = [b for b in blocks if b.startswith("import ")]
+    assert standalone, "no standalone python block in the README"
+    for block in standalone:
+        exec(compile(block, "README.md", "exec"), {})

@@ -44,3 +44,21 @@ def test_paper_commands(tmp_path, capsys):
                  *common]) == 0
     assert main(["evaluate", "--model", str(clf), *common]) == 0
     assert '"natural"' in capsys.readouterr().out
+
+
+def test_user_errors_end_in_one_line(tmp_path, capsys):
+    """A bad argument found by the library, or an output path that cannot be written, ends the command with exit
+    status 2 and one error line, before any work (no traceback, nothing trained)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [
+        (["train-encoder", "--dataset", "nosuch", "--out", str(tmp_path / "e.pt")], "dataset must be one of"),
+        (["train-encoder", "--dataset", "mnist", "--out", str(tmp_path / "e.pt")], "data_dir is required"),
+        (["reproduce", "--out", str(blocker / "run")], f"--out {blocker / 'run'}: cannot write under {blocker}"),
+        (["train-head", "--encoder", str(tmp_path / "missing.pt"), "--out", str(blocker / "c.pt")], "cannot write"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rmi-fast {argv[0]}: error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "e.pt").exists()

@@ -10,6 +10,9 @@ computes the gradients for unit weights in the same sweep as the statistics (for
 forward + recomputing backward) and the backward only rescales them, as Liger-Kernel does for its losses: in place
 when the backward frees the graph (eager calls without retain_graph), into new tensors otherwise.
 
+fp16 inputs always take the unfused backward: the unit-weight gradients are a whole sum's (a row's before the 1/B
+of a mean: for NWJ Σ_j e^(S_ij − 1)·y_j), beyond fp16's largest value (65504) long before the gradients are.
+
 Positives (``positives=True``): the op also returns the paired dots <x_i, y_i>, so that the bounds' positive part
 and negative part share one autograd node: its backward adds the positives' gradients in place to the statistics'
 gradients (in the same pass as their rescale), one x- and one y-sized tensor in all, where two separate nodes would
@@ -32,7 +35,8 @@ def _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic
     return PairSpec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the statistics (and scores) for inputs like x: fp64 for fp64, else fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -69,7 +73,7 @@ def _(x, y, scale, family, transform, clip, diagonal, diag_offset, columns, dete
     spec = _spec(family, transform, clip, diagonal, diag_offset, columns, deterministic)
     G = max(x.shape[0], y.shape[0])
     shapes = spec.stat_shapes(G, x.shape[1], y.shape[1])
-    dt = _stat_dtype(x)
+    dt = stat_dtype(x)
     stat0 = x.new_empty(shapes[0], dtype=dt)
     stat1 = x.new_empty(shapes[1] if columns else _EMPTY, dtype=dt)
     on = fused and (want_dx or want_dy or want_dscale)
@@ -221,7 +225,8 @@ def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: Pai
     op = _pair_reduce if torch.compiler.is_compiling() else _EagerPairReduce.apply
     stat0, stat1, _, _, _, dots = op(
         x, y, scale, spec.family, spec.transform, float(spec.clip), spec.diagonal, int(spec.diag_offset),
-        spec.columns, spec.deterministic, impl.name, fused and impl.fused, *want, positives)
+        spec.columns, spec.deterministic, impl.name, fused and impl.fused and x.dtype != torch.float16, *want,
+        positives)
     stats = [stat0, stat1] if spec.columns else [stat0]
     return (stats, dots) if positives else stats
 

@@ -39,6 +39,8 @@ class MIConfig:
             raise ValueError(f"bound must be one of {list(ESTIMATORS)}, got {self.bound!r}")
         if self.diagonal not in ("exclude", "zero"):
             raise ValueError(f"diagonal must be 'exclude' or 'zero', got {self.diagonal!r}")
+        if self.bound == "infonce" and self.diagonal == "zero":
+            raise ValueError("diagonal='zero' applies to the dv and jsd estimators, not infonce")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,12 +8,13 @@ GPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was s
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 
 import torch
 
-from ..backends import Backend, triton_interpreted
+from ..backends import CUDA_MAX_GRID_YZ, Backend, triton_interpreted
 from ..ops.spec import PairSpec
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,7 +52,9 @@ class TritonBackend(Backend):
 
     def rejects(self, x: torch.Tensor, y: torch.Tensor, spec: PairSpec) -> str | None:
         if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} is not supported (float32, bfloat16, float16; use 'cpp' or 'torch' for float64)"
+            return f"dtype {x.dtype} is not supported (float32, bfloat16, float16; float64 runs on the 'torch' backend)"
+        if max(x.shape[0], y.shape[0]) > CUDA_MAX_GRID_YZ:
+            return f"more than {CUDA_MAX_GRID_YZ} groups (one grid axis holds them)"
         if x.device.type == "cuda":
             return None
         if x.device.type == "cpu" and triton_interpreted():
@@ -68,14 +71,22 @@ class TritonBackend(Backend):
         return Plan(self.backward, self.split or (2 if self.backward == "split" else 1))
 
     def stats(self, x, y, scale, spec):
-        return _family(spec.family).stats(x, y, scale, spec)
+        with _on_device(x):
+            return _family(spec.family).stats(x, y, scale, spec)
 
     def grads(self, x, y, scale, spec, stats, weights, want):
-        return _family(spec.family).grads(x, y, scale, spec, stats, weights, want, self._plan())
+        with _on_device(x):
+            return _family(spec.family).grads(x, y, scale, spec, stats, weights, want, self._plan())
 
     def stats_and_grads(self, x, y, scale, spec, want):
         if spec.family != "global_lse":
-            fused = _family(spec.family).stats_and_grads(x, y, scale, spec, want, self._plan())
+            with _on_device(x):
+                fused = _family(spec.family).stats_and_grads(x, y, scale, spec, want, self._plan())
             if fused is not None:
                 return fused
         return super().stats_and_grads(x, y, scale, spec, want)
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the inputs' one (a no-op for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

@@ -61,7 +61,9 @@ OWN_ATOMIC = tl.constexpr(3)   # fp32 atomic add into one buffer shared by the g
 # (multiplied by e^(m_old − m_new) whenever m grows) and dividing by l at the end. One sweep gives r, dx and dscale.
 # Both gradients get the factor scale once, at the end. G is multiplied by 1/norm (norm = max |weight|) before it
 # is rounded to the operand dtype for the tensor-core dot, and by norm after: fp16 would otherwise flush the tiny
-# weights of a mean over a large batch (≈ 1/B² per entry) to zero.
+# weights of a mean over a large batch (≈ 1/B² per entry) to zero. Every G/norm is then at most 1 but NWJ's
+# e^(S − 1), which passes fp16's range (65504) from S ≈ 12.1: for fp16 operands NWJ keeps G in fp32 (WIDE_GRAD) and
+# multiplies in TF32, whose 10-bit mantissa is fp16's, so the products are as exact as fp16's and never overflow.
 @triton.jit
 def sweep_kernel(
     own_ptr, other_ptr, stat_ptr, dscale_ptr,
@@ -77,7 +79,7 @@ def sweep_kernel(
     DSCALE: tl.constexpr,
     DIAG: tl.constexpr, TRANSFORM: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_GRAD: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_gs = tl.program_id(1)
@@ -155,13 +157,18 @@ def sweep_kernel(
             grad = tl.where(valid & ~on_diag, grad, 0.0)
             if DSCALE:
                 ds_acc += tl.sum(grad * raw, axis=1)
-            grad_lp = (grad * inv_norm).to(b_ptr.dtype.element_ty)
+            if WIDE_GRAD:  # G stays fp32, the operand slices are widened to it, the dots run in TF32
+                grad_lp = grad * inv_norm
+                grad_precision: tl.constexpr = "tf32"
+            else:
+                grad_lp = (grad * inv_norm).to(b_ptr.dtype.element_ty)
+                grad_precision: tl.constexpr = PRECISION
             if OWN_MODE != OWN_NONE:
                 b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
                                   mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                own_acc = mma(grad_lp, b_slice, own_acc, PRECISION)
+                own_acc = mma(grad_lp, b_slice.to(grad_lp.dtype), own_acc, grad_precision)
             if OTHER_ATOMIC:
-                part = mma(tl.trans(grad_lp), a_slice, None, PRECISION) * (scale * norm)
+                part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, grad_precision) * (scale * norm)
                 tl.atomic_add(other_ptr + g * stride_tg + offs_n[:, None] * stride_tn + offs_d[None, :] * stride_td,
                               part, mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
 
@@ -281,7 +288,7 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
     G, sag, sbg = group_layout(a, b)
     NA, NB, D = a.shape[1], b.shape[1], a.shape[2]
     own_bcast = a.shape[0] == 1 and G > 1
-    cfg = tile_config(D, a.device)
+    cfg = tile_config(D, a.device, a.dtype)
     BM, BD = cfg["BLOCK_M"], cfg["BLOCK_D"]
     d_blocks = triton.cdiv(D, BD) if (own_mode or other is not None) else 1
     grid = (triton.cdiv(NA, BM), G * split, d_blocks)
@@ -321,7 +328,8 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
         ONLINE=online, DSCALE=dscale_parts,
         DIAG=DIAGONAL_CODE[spec.diagonal], TRANSFORM=TRANSFORM_CODE[spec.transform], COLUMNS=spec.columns,
         BLOCK_M=BM, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BD,
-        PRECISION=dot_precision(a.dtype, a.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PRECISION=dot_precision(a.dtype, a.device), WIDE_GRAD=a.dtype == torch.float16 and spec.transform == "exp_m1",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return own, ds
 
@@ -346,7 +354,7 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
     table, :mod:`rmi_fast.tuning`), else :func:`choose_plan`'s for these shapes."""
     if plan is None:
         G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
-        cfg = tile_config(D, x.device)
+        cfg = tile_config(D, x.device, x.dtype)
         measured = tuning.triton_plan(x, y, spec)
         if measured is not None:
             variant, split = measured

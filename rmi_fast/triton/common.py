@@ -131,17 +131,20 @@ def interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def tile_config(D: int, device: torch.device) -> dict:
-    """Block sizes and launch options of the gradient sweep.
+def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes and launch options of the gradient sweep for operands of ``dtype``.
 
     Under the interpreter: the smallest tiles tl.dot accepts (speed of the CPU emulation). On a GPU: BLOCK_D bounds
     the fp32 gradient accumulator kept in registers (BLOCK_M × BLOCK_D); a D wider than BLOCK_D adds a grid axis
-    over feature blocks, each recomputing the score tiles. These sizes compile for sm_90 with no or few spilled
-    registers (ptxas, checked without a GPU); their speed is still to be measured and tuned on an H100.
+    over feature blocks, each recomputing the score tiles. These sizes compile for sm_90 with few spilled registers
+    (ptxas, Triton 3.9, checked without a GPU: at most ~80 bytes a thread, but ~1–2 KB in the atomic variant); fp32
+    operands without TF32 multiply on the FMA units and keep their tiles in registers too, so they get BLOCK_D = 64
+    (at 256 the one-sweep row_lse spilled 6 KB a thread). Their speed is still to be measured and tuned on an H100.
     """
     if interpreted(device):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, num_warps=1, num_stages=1)
-    block_d = min(max(triton.next_power_of_2(D), 16), 256)
+    widest = 64 if dot_precision(dtype, device) == "ieee" and dtype == torch.float32 else 256
+    block_d = min(max(triton.next_power_of_2(D), 16), widest)
     return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 128 else 64, BLOCK_K=32, BLOCK_D=block_d,
                 num_warps=8, num_stages=3)
 
