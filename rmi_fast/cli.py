@@ -89,10 +89,10 @@ def _bench(args: argparse.Namespace) -> int:
     device = _device_arg("bench", args.device)
     if args.quick and device != "cpu":
         raise SystemExit("rmi-fast bench: error: --quick is the short CPU run; use --cases to shorten a GPU run")
-    if args.list:
-        print("\n".join(bench.list_cases(device, quick=args.quick, scaling=args.scaling, patterns=args.cases)))
-        return 0
     try:
+        if args.list:
+            print("\n".join(bench.list_cases(device, quick=args.quick, scaling=args.scaling, patterns=args.cases)))
+            return 0
         bench.bench(device=device, quick=args.quick, scaling=args.scaling, case_patterns=args.cases,
                     impl_patterns=args.impls, passes=args.passes, repeats=args.repeats, warmup=args.warmup,
                     max_time_s=args.max_time, memory=not args.no_memory, seed=args.seed, json_path=args.json,

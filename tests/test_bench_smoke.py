@@ -70,6 +70,7 @@ def test_rerender_from_json(quick_run, tmp_path, capsys):
     (["bench", "--repeats", "0"], "expected a positive int"),
     (["bench", "--plot", "out.pdf"], "must end in .png"),
     (["bench", "--cases", "no-such-case"], "matches no case"),
+    (["bench", "--cases", "no-such-case", "--list"], "matches no case"),
     (["bench", "--impls", "rmi_fast*,no-such-impl"], "--impls no-such-impl matches no implementation"),
     (["bench", "--device", "tpu"], "--device must be"),
     (["bench", "--quick", "--device", "cuda"], None),

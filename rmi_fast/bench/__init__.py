@@ -11,8 +11,17 @@ from . import cases as cases_mod
 
 
 def list_cases(device: str, *, quick: bool = False, scaling: bool = False, patterns=None) -> list[str]:
+    return [c.name for c in _selected(device, quick, scaling, patterns)]
+
+
+def _selected(device: str, quick: bool, scaling: bool, patterns) -> list:
+    """The suite's cases that the patterns select; ValueError when they select none."""
     suite = cases_mod.suite_name(device, quick=quick, scaling=scaling)
-    return [c.name for c in cases_mod.select(cases_mod.SUITES[suite], patterns)]
+    selected = cases_mod.select(cases_mod.SUITES[suite], patterns)
+    if not selected:
+        names = ", ".join(c.name for c in cases_mod.SUITES[suite])
+        raise ValueError(f"--cases {','.join(patterns)} matches no case of suite {suite!r}; its cases: {names}")
+    return selected
 
 
 def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, case_patterns=None,
@@ -27,10 +36,7 @@ def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, ca
     from . import report, runner
 
     suite = cases_mod.suite_name(device, quick=quick, scaling=scaling)
-    selected = cases_mod.select(cases_mod.SUITES[suite], case_patterns)
-    if not selected:
-        names = ", ".join(c.name for c in cases_mod.SUITES[suite])
-        raise ValueError(f"--cases {','.join(case_patterns)} matches no case of suite {suite!r}; its cases: {names}")
+    selected = _selected(device, quick, scaling, case_patterns)
     if impl_patterns:
         from .impls import matches, registry
 
