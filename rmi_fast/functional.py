@@ -47,6 +47,9 @@ def _check_choice(name: str, value, choices) -> None:
 def _check_embeddings(name: str, t, ndims=(2, 3)) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}"
+                        f"{' (nested)' if t.is_nested else ''}")
     if t.dim() not in ndims:
         shapes = " or ".join({2: "(B, D)", 3: "(G, B, D)"}[n] for n in ndims)
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(t.shape)}")

@@ -51,11 +51,14 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
     status 2 and one error line, before any work (no traceback, nothing trained)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(b"not a checkpoint")
     cases = [
         (["train-encoder", "--dataset", "nosuch", "--out", str(tmp_path / "e.pt")], "dataset must be one of"),
         (["train-encoder", "--dataset", "mnist", "--out", str(tmp_path / "e.pt")], "data_dir is required"),
         (["reproduce", "--out", str(blocker / "run")], f"--out {blocker / 'run'}: cannot write under {blocker}"),
         (["train-head", "--encoder", str(tmp_path / "missing.pt"), "--out", str(blocker / "c.pt")], "cannot write"),
+        (["estimate-mi", "--encoder", str(torn)], f"{torn} is not a readable 'rmi_fast.robust.encoder' checkpoint"),
     ]
     for argv, words in cases:
         assert main(argv) == 2

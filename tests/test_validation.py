@@ -13,6 +13,7 @@ y = torch.randn(8, 4)
 @pytest.mark.parametrize("call, error, words", [
     (lambda: rf.mi_bound(x.numpy(), y), TypeError, "x must be a torch.Tensor"),
     (lambda: rf.mi_bound(x, [1.0]), TypeError, "y must be a torch.Tensor"),
+    (lambda: rf.mi_bound(x.to_sparse(), y), TypeError, "x must be a dense (strided) tensor"),
     (lambda: rf.mi_bound(x[0], y), ValueError, "x must have shape"),
     (lambda: rf.mi_bound(x, y.reshape(1, 1, 8, 4)), ValueError, "y must have shape"),
     (lambda: rf.mi_bound(x.int(), y.int()), TypeError, "x must be float32"),

@@ -22,7 +22,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load's errors for a torn or foreign file (UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"{path} is not a readable {kind!r} checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from exc
     if not isinstance(payload, dict) or payload.get("kind") != kind:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a {kind!r} checkpoint (found {found!r})")
