@@ -450,7 +450,8 @@ for dtype, D, prec in (("bf16", 512, "ieee"), ("fp16", 64, "ieee"), ("fp32", 96,
     for gt, st, tr, cols, tp, own, bc, other, diag, online in variants:
         k = build(backward.sweep_kernel, dtype, dict(GRAD_TILE=gt, STAT_TILE=st, TRANSPOSED=tp, OWN_BCAST=bc,
                   OWN_MODE=own, OTHER_ATOMIC=other, STATS=st is not None, ONLINE=online, DIAG=diag, TRANSFORM=tr,
-                  COLUMNS=cols, WIDE_GRAD=dtype == "fp16" and tr == 2, **common), cfg)
+                  COLUMNS=cols, WIDE_GRAD=dtype == "fp16" and tr == 2,
+                  GRAD_PRECISION="tf32" if dtype == "fp16" and tr == 2 else prec, **common), cfg)
         # the atomic variant holds a second accumulator and spills its share; every other sweep must not
         if not other and stack_bytes(k) > 256:
             spills.append(f"{dtype} D={D} {prec} transform={tr} own={own} online={online}: {stack_bytes(k)} B")

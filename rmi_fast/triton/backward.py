@@ -79,7 +79,7 @@ def sweep_kernel(
     DSCALE: tl.constexpr,
     DIAG: tl.constexpr, TRANSFORM: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_GRAD: tl.constexpr = False,
+    PRECISION: tl.constexpr, WIDE_GRAD: tl.constexpr, GRAD_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_gs = tl.program_id(1)
@@ -157,18 +157,16 @@ def sweep_kernel(
             grad = tl.where(valid & ~on_diag, grad, 0.0)
             if DSCALE:
                 ds_acc += tl.sum(grad * raw, axis=1)
-            if WIDE_GRAD:  # G stays fp32, the operand slices are widened to it, the dots run in TF32
+            if WIDE_GRAD:  # G stays fp32 and the operand slices are widened to it (GRAD_PRECISION: TF32)
                 grad_lp = grad * inv_norm
-                grad_precision: tl.constexpr = "tf32"
             else:
                 grad_lp = (grad * inv_norm).to(b_ptr.dtype.element_ty)
-                grad_precision: tl.constexpr = PRECISION
             if OWN_MODE != OWN_NONE:
                 b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
                                   mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                own_acc = mma(grad_lp, b_slice.to(grad_lp.dtype), own_acc, grad_precision)
+                own_acc = mma(grad_lp, b_slice.to(grad_lp.dtype), own_acc, GRAD_PRECISION)
             if OTHER_ATOMIC:
-                part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, grad_precision) * (scale * norm)
+                part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
                 tl.atomic_add(other_ptr + g * stride_tg + offs_n[:, None] * stride_tn + offs_d[None, :] * stride_td,
                               part, mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
 
@@ -314,6 +312,8 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
     dummy = p.norm  # stands in for absent pointers; never dereferenced (the matching constexpr is off)
     stat0, stat1, w0, w1 = (p.stats + [dummy, dummy])[:2] + (p.weights + [dummy, dummy])[:2]
     spec = p.spec
+    precision = dot_precision(a.dtype, a.device)
+    wide = a.dtype == torch.float16 and spec.transform == "exp_m1"  # NWJ's e^(S − 1) in fp16: see the kernel
     sweep_kernel[grid](
         own if own is not None else dummy, other if other is not None else dummy,
         stat_out if stat_out is not None else dummy, ds if ds is not None else dummy,
@@ -328,7 +328,7 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
         ONLINE=online, DSCALE=dscale_parts,
         DIAG=DIAGONAL_CODE[spec.diagonal], TRANSFORM=TRANSFORM_CODE[spec.transform], COLUMNS=spec.columns,
         BLOCK_M=BM, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BD,
-        PRECISION=dot_precision(a.dtype, a.device), WIDE_GRAD=a.dtype == torch.float16 and spec.transform == "exp_m1",
+        PRECISION=precision, WIDE_GRAD=wide, GRAD_PRECISION="tf32" if wide else precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return own, ds
