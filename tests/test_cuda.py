@@ -348,3 +348,22 @@ def test_large_batch_beyond_int32_pairs():
     _close(c[0], wc, torch.bfloat16, "c")
     _close(dx[0], wdx, torch.bfloat16, "dx")
     _close(dy[0], wdy, torch.bfloat16, "dy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bound", ["infonce", "nwj", "jsd"])
+def test_fp16_gradients_within_twice_eager_fp16_error(bound):
+    """fp16 inputs: the gradient product runs in TF32 (fp16 values exact, G rounded to fp16's 11 bits in fp32's
+    range), so the error against the fp64 oracle stays within 2× that of the same formula run eagerly in fp16."""
+    x, y = _operands((1, 1, 256, 256, 64), torch.float16, seed=13)
+    x, y = x[0].clone().requires_grad_(), y[0].clone().requires_grad_()
+    value = rf.mi_bound(x, y, bound, backend="cuda")
+    got = torch.autograd.grad(value, (x, y))
+    x16, y16 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    eager = torch.autograd.grad(R.BOUNDS[bound](x16, y16).float().mean(), (x16, y16))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    want = torch.autograd.grad(R.BOUNDS[bound](x64, y64).mean(), (x64, y64))
+    for name, g, e, w in zip(("dx", "dy"), got, eager, want):
+        err = (g.double() - w).abs().max().item()
+        eager_err = (e.double() - w).abs().max().item()
+        assert err <= 2 * eager_err + 1e-6 * w.abs().max().item(), (name, err, eager_err)

@@ -52,10 +52,12 @@ static_assert(kBM == 64 && kBN % 16 == 0 && kBK % 16 == 0 && kDV % 8 == 0, "tile
 template <typename E> constexpr int stage_ld() { return sizeof(E) == 4 ? kBK + 4 : kBK + 8; }
 template <typename E> constexpr int chunk_ld() { return sizeof(E) == 4 ? kDV + 4 : kDV + 8; }
 
-// Operand type of the gradient product G · other: bf16 for both 16-bit inputs (G ∈ [−|w|, |w|]·T' spans far more
-// than fp16's exponent range: an fp16 G would underflow for small weights and overflow for exp(S − 1)), fp32 (TF32
-// products) for fp32 inputs.
-template <typename T> using grad_operand_t = std::conditional_t<std::is_same_v<T, float>, float, __nv_bfloat16>;
+// Operand type of the gradient product G · other: bf16 for bf16 inputs; fp32 (TF32 products) for fp32 and fp16
+// inputs. G ∈ [−|w|, |w|]·T' spans far more than fp16's exponent range (an fp16 G would underflow for small weights
+// and overflow for exp(S − 1)), and a bf16 copy of fp16 inputs would drop 3 of their 11 significant bits; TF32 holds
+// fp16 values exactly and rounds G to fp16's 11 bits, in fp32's range.
+template <typename T>
+using grad_operand_t = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat16, float>;
 
 template <typename T> constexpr int stage_bytes() { return (kBM + kBN) * stage_ld<T>() * int(sizeof(T)); }
 template <typename T> constexpr int chunk_bytes() {

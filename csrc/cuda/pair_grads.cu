@@ -11,17 +11,18 @@ namespace detail {
 //
 // The score accumulator is re-used as the A operand without going through memory. Its entry (row, column) lies at
 // lane (gid, tig) as c[0..3] = (gid, 2tig), (gid, 2tig+1), (gid+8, 2tig), (gid+8, 2tig+1) of each 8-column tile.
-//   16-bit: the A fragment of m16n8k16 holds (gid, k = 2tig..2tig+1), (gid+8, same), (gid, 8+2tig..), (gid+8, 8+..),
+//   bf16:   the A fragment of m16n8k16 holds (gid, k = 2tig..2tig+1), (gid+8, same), (gid, 8+2tig..), (gid+8, 8+..),
 //           i.e. exactly tiles 2p (k < 8) and 2p + 1 (k ≥ 8) of the accumulator, rounded to bf16.
-//   fp32:   the A fragment of m16n8k8 holds (gid, k = tig), (gid+8, tig), (gid, tig+4), (gid+8, tig+4). Any
-//           permutation of k is fine if B follows it: k-slot tig ↔ column 2tig, k-slot tig + 4 ↔ column 2tig + 1,
+//   fp32, fp16 (TF32): the A fragment of m16n8k8 holds (gid, k = tig), (gid+8, tig), (gid, tig+4), (gid+8, tig+4).
+//           Any permutation of k is fine if B follows it: k-slot tig ↔ column 2tig, k-slot tig + 4 ↔ column 2tig + 1,
 //           so a = (c[0], c[2], c[1], c[3]) and B's k-slots tig, tig + 4 read rows 2tig, 2tig + 1 of the chunk.
 template <typename T>
 __device__ __forceinline__ void mma_grad_chunk(float (&dacc)[kND][4], const float (&gm)[kNT][4],
                                                grad_operand_t<T> (*sC)[chunk_ld<grad_operand_t<T>>()],
                                                bool precise) {
   const int gid = lane_gid(), tig = lane_tig();
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<grad_operand_t<T>, float>) {
+    precise = precise && std::is_same_v<T, float>;  // fp16 operands are exact in one TF32 product
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
       uint32_t a_hi[4], a_lo[4];
