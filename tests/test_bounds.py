@@ -306,14 +306,15 @@ def test_mine_stays_exact_at_extreme_scores(backend, case):
             x.mul_(0.1)[:, 0] = 11.0
             y.mul_(0.1)[:, 0] = -10.0
         else:
-            y.copy_(x + 0.1 * torch.randn_like(x))
+            y.copy_(x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4)))
     scale = 1.0 if case == "all exp S underflow" else 1e4 / 8
     t = rf.MINE(scale=scale, backend=backend)(x, y)
     gx, gy = torch.autograd.grad(t, (x, y))
     x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
     ref = R.dv(x64, y64, scale).mean()
     rgx, rgy = torch.autograd.grad(ref, (x64, y64))
-    torch.testing.assert_close(t.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    s_max = scale * (x64 @ y64.T).abs().max().item()  # fp32 scores carry an error of about 1e-7·|S|
+    torch.testing.assert_close(t.double(), ref.detach(), rtol=1e-5, atol=3e-7 * s_max)
     assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
     torch.testing.assert_close(gx.double(), rgx, rtol=1e-3, atol=1e-3 * rgx.abs().max().item())
     torch.testing.assert_close(gy.double(), rgy, rtol=1e-3, atol=1e-3 * rgy.abs().max().item())
