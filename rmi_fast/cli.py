@@ -447,8 +447,7 @@ def _check_writable(flag: str, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A bad argument or input found while it runs (a ValueError, or an OSError such as a missing
     data file) ends it with a one-line error, as argparse's own; RMI_FAST_DEBUG=1 shows the traceback instead."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         for flag in _OUTPUT_FLAGS:
             if getattr(args, flag, None):

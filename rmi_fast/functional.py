@@ -76,12 +76,7 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
     """A float or 0-d tensor → 0-d tensor of the statistics' dtype on the inputs' device (keeps its autograd link)."""
     dtype = stat_dtype(like)
     if isinstance(scale, torch.Tensor):
-        if scale.dim() != 0 or not scale.is_floating_point():
-            raise ValueError(f"{name} must be a float or a 0-d floating-point tensor, got {scale.dtype} of shape "
-                             f"{tuple(scale.shape)}")
-        if scale.device != like.device:
-            raise ValueError(f"{name} must be on the inputs' device {like.device}, got {scale.device}")
-        scale = scale.to(dtype)
+        scale = _scalar_tensor(name, scale, like)
         _check_finite_scale(name, scale)
         return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -91,6 +86,16 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
     if not -torch.finfo(dtype).max <= scale <= torch.finfo(dtype).max:
         raise ValueError(f"{name} overflows the scores' {dtype}: |{name}| > {torch.finfo(dtype).max:.4g}")
     return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
+
+
+def _scalar_tensor(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d floating-point tensor on the inputs' device, in the statistics' dtype (autograd link kept)."""
+    if t.dim() != 0 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a float or a 0-d floating-point tensor, got {t.dtype} of shape "
+                         f"{tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the inputs' device {like.device}, got {t.device}")
+    return t.to(stat_dtype(like))
 
 
 def _check_finite_scale(name: str, scale: torch.Tensor) -> None:
@@ -269,12 +274,7 @@ def _log_moving_average(ema, like: torch.Tensor):
     gradient in the statistics' dtype."""
     if not isinstance(ema, torch.Tensor):
         return math.log(_check_positive("mine_ema", ema))
-    if ema.dim() != 0 or not ema.is_floating_point():
-        raise ValueError(f"mine_ema must be a float or a 0-d floating-point tensor, got {ema.dtype} of shape "
-                         f"{tuple(ema.shape)}")
-    if ema.device != like.device:
-        raise ValueError(f"mine_ema must be on the inputs' device {like.device}, got {ema.device}")
-    ema = ema.detach().to(stat_dtype(like))
+    ema = _scalar_tensor("mine_ema", ema, like).detach()
     check_values(torch.isfinite(ema) & (ema > 0), "mine_ema must be a positive finite number",
                  lambda: f", got {ema.item()}")
     return ema.log()
