@@ -286,7 +286,7 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
     G, sag, sbg = group_layout(a, b)
     NA, NB, D = a.shape[1], b.shape[1], a.shape[2]
     own_bcast = a.shape[0] == 1 and G > 1
-    cfg = tile_config(D, a.device, a.dtype)
+    cfg = tile_config(D, a.device, a.dtype, atomic=other is not None)
     BM, BD = cfg["BLOCK_M"], cfg["BLOCK_D"]
     d_blocks = triton.cdiv(D, BD) if (own_mode or other is not None) else 1
     grid = (triton.cdiv(NA, BM), G * split, d_blocks)

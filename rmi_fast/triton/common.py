@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import offline
+
 # Diagonal handling (PairSpec.diagonal) and transforms, as compile-time codes.
 INCLUDE = tl.constexpr(0)
 EXCLUDE = tl.constexpr(1)
@@ -123,27 +125,39 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     (torch.backends.cuda.matmul.allow_tf32); bf16 under the interpreter is multiplied in fp32."""
     if dtype == torch.bfloat16 and interpreted(device):
         return "upcast"
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and not interpreted(device) and torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "ieee"
 
 
 def interpreted(device: torch.device) -> bool:
-    return device.type != "cuda"
+    """Whether launches for ``device`` run under Triton's interpreter: any but a CUDA device, except while they are
+    compiled for a GPU offline (:mod:`.offline`), which takes the GPU's tile configurations."""
+    return device.type != "cuda" and not offline.active()
 
 
-def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes and launch options of the gradient sweep for operands of ``dtype``.
+def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, atomic: bool = False) -> dict:
+    """Block sizes and launch options of the gradient sweep for operands of ``dtype`` (``atomic``: for the variant
+    that also adds the other operand's gradient with atomics).
 
-    Under the interpreter: the smallest tiles tl.dot accepts (speed of the CPU emulation). On a GPU: BLOCK_D bounds
-    the fp32 gradient accumulator kept in registers (BLOCK_M × BLOCK_D); a D wider than BLOCK_D adds a grid axis
-    over feature blocks, each recomputing the score tiles. These sizes compile for sm_90 with few spilled registers
-    (ptxas, Triton 3.9, checked without a GPU: at most ~80 bytes a thread, but ~1–2 KB in the atomic variant); fp32
-    operands without TF32 multiply on the FMA units and keep their tiles in registers too, so they get BLOCK_D = 64
-    (at 256 the one-sweep row_lse spilled 6 KB a thread). Their speed is still to be measured and tuned on an H100.
+    Under the interpreter: the smallest tiles tl.dot accepts (speed of the CPU emulation). On a GPU, BLOCK_D bounds
+    the fp32 gradient accumulator kept in registers (BLOCK_M × BLOCK_D). A D wider than BLOCK_D adds a grid axis over
+    feature blocks, and each block recomputes the score tiles over the whole of D: at D = 512 a pass with
+    BLOCK_D = 256 costs three GEMM-sized products, with 512 two. So BLOCK_D is as wide as the registers allow
+    (sm_90 cubins compiled as launched, by :mod:`.offline`; tests/test_triton.py checks them):
+      bf16/fp16: 512, at 232–254 registers without spills. At 256 these sweeps already take 128–166 registers, which
+        also leaves room for one 8-warp block per SM only, so the wider block costs no occupancy. The atomic variant
+        also holds its BLOCK_M × BLOCK_D operand slice for the other side's product: 256 (at 512 it spills).
+      fp32 with TF32: 256 (at 512 it reaches 255 registers and spills).
+      fp32 without TF32 (PyTorch's default): the products run on the FMA units with their operand tiles in
+        registers: 64.
+    Their speed is still to be measured on an H100.
     """
     if interpreted(device):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, num_warps=1, num_stages=1)
-    widest = 64 if dot_precision(dtype, device) == "ieee" and dtype == torch.float32 else 256
+    if dtype != torch.float32:
+        widest = 256 if atomic else 512
+    else:
+        widest = 256 if dot_precision(dtype, device) == "tf32" else 64
     block_d = min(max(triton.next_power_of_2(D), 16), widest)
     return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 128 else 64, BLOCK_K=32, BLOCK_D=block_d,
                 num_warps=8, num_stages=3)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import backward
 from .common import EXCLUDE, ZERO, DIAGONAL_CODE, diagonal_mask, dot_precision, fwd_config, group_layout, \
-    lse_combine, score_tile, tile_lse
+    interpreted, lse_combine, score_tile, tile_lse
 
 
 # Derivation. For a row block and a column tile, T = S with the excluded entries (and rows/columns past the
@@ -112,7 +112,7 @@ def lse_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec, clip: 
     if not columns:
         return [r]
     c = torch.empty((G, By), dtype=torch.float32, device=x.device)
-    block = 16 if x.device.type != "cuda" else 256
+    block = 16 if interpreted(x.device) else 256
     column_merge_kernel[(triton.cdiv(By, block), G)](c, cmax, csum, By, row_blocks, c.stride(0), cmax.stride(0),
                                                      cmax.stride(1), BLOCK=block)
     return [r, c]
