@@ -29,7 +29,7 @@ from .ops.spec import PairSpec
 #: the kernels a table distinguishes: the three families, the row family with its column statistics (CLIP) apart
 KERNELS = ("row_lse", "row_lse+columns", "global_lse", "row_sum")
 BACKENDS = ("cpp", "triton", "cuda", "torch")
-PLANS = ("two_pass", "atomic", "split")
+PLANS = ("two_pass", "atomic", "split", "whole")
 TABLE_DIR = Path(__file__).with_name("tuned")
 FORMAT = 1
 

@@ -225,6 +225,8 @@ FUSED = [
     ("row_lse", "none", "exclude", "two_pass", "x", True),
     ("row_lse", "none", "zero", "two_pass", "y", False),
     ("row_lse", "none", "include", "split", "x", False),
+    ("row_lse", "none", "include", "whole", "y", False),
+    ("row_sum", "exp_m1", "exclude", "whole", "x", True),
 ]
 
 
@@ -232,7 +234,8 @@ FUSED = [
                          ids=["-".join(map(str, c[:5])) + ("-det" if c[5] else "") for c in FUSED])
 def test_fused_stats_and_grads(family, transform, diagonal, variant, side, deterministic):
     spec = PairSpec(family, transform, diagonal=diagonal, diag_offset=2, deterministic=deterministic)
-    xs, ys = ((1, 17, 13), (3, 20, 13)) if side == "x" else ((3, 17, 13), (1, 20, 13))
+    # D = 37: three feature blocks of the interpreter's 16 (three slices of the whole plan's tile), a ragged last
+    xs, ys = ((1, 17, 37), (3, 20, 37)) if side == "x" else ((3, 17, 37), (1, 20, 37))
     x, y, scale, ref, _, _ = _contract_case(spec, xs, ys)
     ones = [torch.ones_like(r) for r in ref]
     rgrads = R.pair_grads(x.cpu().double(), y.cpu().double(), scale.cpu().double(), spec, ref, ones, (True,) * 3)
@@ -244,7 +247,7 @@ def test_fused_stats_and_grads(family, transform, diagonal, variant, side, deter
 
 # ----------------------------------------------------------------------------------------------- backward variants
 
-VARIANTS = [("two_pass", None), ("atomic", None), ("split", 2), ("split", 3)]
+VARIANTS = [("two_pass", None), ("atomic", None), ("split", 2), ("split", 3), ("whole", None)]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -254,7 +257,7 @@ def test_backward_variant(side, variant, split, deterministic):
     if variant == "atomic" and deterministic:
         pytest.skip("the atomic variant is not deterministic (tested to refuse below)")
     spec = PairSpec("row_lse", diagonal="exclude", columns=True, diag_offset=3, deterministic=deterministic)
-    xs, ys = ((1, 17, 13), (2, 36, 13)) if side == "x_broadcast" else ((2, 17, 13), (1, 36, 13))
+    xs, ys = ((1, 17, 37), (2, 36, 37)) if side == "x_broadcast" else ((2, 17, 37), (1, 36, 37))
     x, y, scale, ref, weights, rgrads = _contract_case(spec, xs, ys, seed=7)
     be = _backend(variant, split)
     stats = be.stats(x, y, scale, spec)
@@ -265,7 +268,7 @@ def test_backward_variant(side, variant, split, deterministic):
 @pytest.mark.parametrize("variant, split", VARIANTS, ids=[f"{v}{s or ''}" for v, s in VARIANTS])
 def test_backward_variant_row_sum_fused(variant, split):
     spec = PairSpec("row_sum", "softplus", diagonal="zero")
-    x, y, scale, ref, _, _ = _contract_case(spec, (2, 33, 13), (2, 33, 13), seed=8)
+    x, y, scale, ref, _, _ = _contract_case(spec, (2, 33, 37), (2, 33, 37), seed=8)
     ones = [torch.ones_like(r) for r in ref]
     rgrads = R.pair_grads(x.cpu().double(), y.cpu().double(), scale.cpu().double(), spec, ref, ones, (True,) * 3)
     stats, *grads = _backend(variant, split).stats_and_grads(x, y, scale, spec, (True, True, True))
@@ -285,10 +288,25 @@ def test_dispatch_thresholds():
     assert choose_plan(16384, 16384, 128, 1, True) == Plan("split", 3)  # 256 row blocks: < 4 per SM
     assert choose_plan(2, 2, 8, 1, False) == Plan("atomic")  # one block: nothing to split, one pass
     assert choose_plan(64, 8192, 64, 1, False).split <= MAX_SPLIT
+    # the paper's critic at B = 128 (2 row blocks × 64 groups): S once per pass instead of once per 512 features
+    assert choose_plan(128, 128, 2048, 64, True, block_d=512, whole_max=256) == Plan("whole")
+    assert choose_plan(512, 512, 2048, 64, True, block_d=512, whole_max=256).variant != "whole"  # too many rows
+    assert choose_plan(128, 128, 512, 64, True, block_d=512, whole_max=256).variant != "whole"  # one block already
+    assert choose_plan(128, 128, 2048, 16, True, block_d=512, whole_max=256).variant != "whole"  # 32 programs
     with pytest.raises(ValueError, match="cannot be deterministic"):
         check_plan(Plan("atomic"), deterministic=True)
     with pytest.raises(ValueError, match="variant must be one of"):
         check_plan(Plan("three_pass"), deterministic=False)
+
+
+def test_whole_plan_refuses_batches_beyond_its_tile():
+    from rmi_fast.triton.common import whole_max_rows
+
+    limit = whole_max_rows(torch.device(DEVICE), torch.float32)
+    x, y = _inputs((1, limit + 1, 16), (3, limit + 1, 16))
+    with pytest.raises(ValueError, match=f"at most {limit} rows"):
+        _backend("whole").grads(x, y, torch.tensor(1.0, device=DEVICE), PairSpec("global_lse"),
+                                [torch.zeros(3, device=DEVICE)], [torch.ones(3, device=DEVICE)], (True, True, True))
 
 
 # ---------------------------------------------------------------------------------------- determinism, precision
@@ -421,6 +439,10 @@ def launches(dtype, D, B=256, G=4):
     for name, spec in (("critic split", critic), ("critic split deterministic", det)):
         yield name, lambda spec=spec: global_lse.grads(x, yg, s, spec, [torch.zeros(G)], [torch.ones(G)], want,
                                                         Plan("split", 4))
+    # the whole plan's tile at its largest (B = 256 rows)
+    yield "critic whole", lambda: global_lse.grads(x, yg, s, critic, [torch.zeros(G)], [torch.ones(G)], want,
+                                                   Plan("whole"))
+    yield "infonce whole", lambda: row_lse.stats_and_grads(x, y, s, PairSpec("row_lse"), want, Plan("whole"))
 
 # every variant at the bar shape; elsewhere the paths a precision changes (fp16 NWJ's fp32 gradient tile, TF32, the
 # FMA units of fp32 without TF32)
@@ -456,16 +478,18 @@ def sm90_launches():
 
 @pytest.mark.slow
 def test_launches_compile_for_sm90_without_spills(sm90_launches):
-    """Every launcher variant compiles for sm_90 as launched (contiguous inputs, Triton's specialisation on them), and
-    no sweep or forward kernel spills registers to local memory: only the atomic variant, which holds a second operand
-    slice, may spill a little. Their tensor-core products are Hopper's wgmma (HGMMA) and their tiles are staged
-    asynchronously (cp.async or TMA) — the code a compile without the launch's specialisation shows neither of."""
+    """Every launcher variant compiles for sm_90 as launched (contiguous inputs, Triton's specialisation on them), fits
+    a block's shared memory, and no sweep or forward kernel spills registers to local memory: only the atomic variant,
+    which holds a second operand slice, may spill a little. Their tensor-core products are Hopper's wgmma (HGMMA) and
+    their tiles are staged asynchronously (cp.async or TMA) — the code a compile without the launch's specialisation
+    shows neither of."""
     variants = {(r["precision"], r["D"], r["variant"]) for r in sm90_launches}
-    assert len(variants) == 8 + 1 + 2 + 2 + 2, sorted(variants)
+    assert len(variants) == 10 + 1 + 2 + 2 + 2, sorted(variants)
     for r in sm90_launches:
         where = f"{r['precision']} D={r['D']} {r['variant']}: {r['kernel']} {r['constants']}"
         atomic = r["variant"] == "jsd atomic" and r["kernel"] == "sweep_kernel"
         assert r["spill_bytes"] <= (256 if atomic else 0), f"{where} spills {r['spill_bytes']} B"
+        assert r["shared_bytes"] <= 227 * 1024, f"{where} needs {r['shared_bytes']} B of shared memory (sm_90: 227 KB)"
         if r["kernel"] in ("sweep_kernel", "lse_kernel"):
             ops = r["instructions"]
             assert ops["LDGSTS"] + ops["UTMALDG"] > 0, f"{where}: tiles loaded without cp.async/TMA: {ops}"
@@ -478,7 +502,8 @@ def test_bar_shapes_compute_each_score_tile_once_per_pass(sm90_launches):
     """At the design's bar shapes (bf16, D = 512 and 768) the gradient sweeps keep as wide a slice of D as registers
     allow: one feature block at D = 512, so each backward pass computes the score tiles once, two at D = 768."""
     for r in sm90_launches:
-        if r["precision"] == "bf16" and r["kernel"] == "sweep_kernel" and r["variant"] != "jsd atomic":
+        if r["precision"] == "bf16" and r["kernel"] == "sweep_kernel" and r["variant"] not in (
+                "jsd atomic", "critic whole", "infonce whole"):
             blocks = math.ceil(r["D"] / r["constants"]["BLOCK_D"])
             assert blocks == (1 if r["D"] == 512 else 2), f"{r['variant']} at D={r['D']}: {blocks} feature blocks"
 

@@ -230,13 +230,13 @@ def test_every_candidate_is_checked_before_it_is_timed(monkeypatch):
     shape = tune.Shape("row_sum", "fp32", 40, 16)
     rows = tune.measure_shape(shape, "cpu", "dev", quick=True, warmup=0, repeats=1)
     by_name = {r["candidate"]: r for r in rows}
-    assert set(by_name) == {"cpp", "torch", "triton:two_pass", "triton:atomic", "triton:split2",
-                            "triton:two_pass:det", "triton:split2:det"}
+    assert set(by_name) == {"cpp", "torch", "triton:two_pass", "triton:atomic", "triton:split2", "triton:whole",
+                            "triton:two_pass:det", "triton:split2:det", "triton:whole:det"}
     assert by_name["triton:atomic"]["error"].startswith("mismatch: dx differs")
     assert by_name["triton:atomic"]["median_ms"] is None
     assert all(r["median_ms"] > 0 and "error" not in r for n, r in by_name.items() if n != "triton:atomic")
     table = tune.derive(rows, "dev")
-    assert {e.plan for e in table.entries} <= {"two_pass", "split"} and len(table.entries) == 2
+    assert {e.plan for e in table.entries} <= {"two_pass", "split", "whole"} and len(table.entries) == 2
 
 
 def test_tune_command_writes_the_report_and_the_table(tmp_path, capsys, monkeypatch):

@@ -1,8 +1,8 @@
 """``rmi-fast tune``: which backend, and which Triton backward variant, is fastest for each shape on this device.
 
 For every shape of a grid (kernel × precision × B × D × G), every candidate — each backend usable here and, for
-Triton, each backward variant: ``two_pass``, ``atomic``, ``split`` into 2–16 chunks, and the deterministic runs
-(no ``atomic``; split chunks meet in fixed order) — computes the negative-part statistics with every gradient
+Triton, each backward variant: ``two_pass``, ``atomic``, ``split`` into 2–16 chunks, ``whole`` (batches small enough
+for its one tile), and the deterministic runs (no ``atomic``; split chunks meet in fixed order) — computes the negative-part statistics with every gradient
 (``stats_and_grads``: the work of a mean-reduced bound's forward and backward). Each candidate's results are first
 checked against the ``torch`` backend on fp32 copies of the same inputs; one that disagrees is recorded with the
 reason and never timed. The winners make the device's tuned table (:mod:`rmi_fast.tuning`), which
@@ -102,15 +102,18 @@ def _triton_usable(device: str, quick: bool) -> bool:
 def candidates(device: str, shape: Shape, quick: bool = False) -> list[Candidate]:
     out = [Candidate(name) for name in backends.preference(device) if name != "triton"]
     if _triton_usable(device, quick):
-        from ..triton.common import tile_config
+        from ..triton.common import tile_config, whole_max_rows
 
         blocks = math.ceil(shape.B / tile_config(shape.D, torch.device(device))["BLOCK_N"])
         splits = [k for k in SPLITS if k <= blocks]
+        whole = shape.B <= whole_max_rows(torch.device(device), DTYPES[shape.dtype])
         for det in (False, True):
             out.append(Candidate("triton", "two_pass", 1, det))
             if not det:
                 out.append(Candidate("triton", "atomic", 1, det))
             out += [Candidate("triton", "split", k, det) for k in splits]
+            if whole:
+                out.append(Candidate("triton", "whole", 1, det))
     return out
 
 

@@ -23,6 +23,10 @@ Backward variants (all exact; see :func:`choose_plan`):
 * ``split``    — (c) two passes whose sweeps are each cut into ``split`` chunks run by separate programs: more
   programs for small B. The chunks' fp32 partial gradients meet through atomics, or, when deterministic, in
   per-chunk fp32 buffers summed in a fixed order.
+* ``whole``    — (d) two passes like (a), for small batches (at most 256 rows on either side in 16-bit,
+  :func:`~.common.whole_max_rows`): a program's one tile holds every row of the other operand, so it computes S
+  once and walks D in slices, where (a) has a grid axis over feature blocks that recomputes S for each (2 + 2
+  GEMM-equivalents at any D). Deterministic.
 
 The gradient of a broadcast operand is a sum over groups: the group is a grid axis, and the per-group programs'
 results meet like split chunks do (atomics, or fp32 partial buffers summed in fixed order when deterministic).
@@ -41,7 +45,7 @@ import triton.language as tl
 
 from .. import tuning
 from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, mma, \
-    score_tile, stat_buffer, tile_config
+    score_tile, stat_buffer, tile_config, whole_max_rows
 
 # How a program's own gradient rows leave it.
 OWN_NONE = tl.constexpr(0)     # not wanted (statistic or dscale only)
@@ -64,6 +68,10 @@ OWN_ATOMIC = tl.constexpr(3)   # fp32 atomic add into one buffer shared by the g
 # weights of a mean over a large batch (≈ 1/B² per entry) to zero. Every G/norm is then at most 1 but NWJ's
 # e^(S − 1), which passes fp16's range (65504) from S ≈ 12.1: for fp16 operands NWJ keeps G in fp32 (WIDE_GRAD) and
 # multiplies in TF32, whose 10-bit mantissa is fp16's, so the products are as exact as fp16's and never overflow.
+# WHOLE (the "whole" plan, for a few hundred other rows at most): one tile holds every other row, so each program
+# computes its score tile once and walks D in BLOCK_D slices, writing each slice of own and other at once — where
+# the feature-block grid axis would recompute the tile per slice (at the paper's critic shape, D = 2048: 4 times).
+# The tile is then the whole row, so ONLINE's normaliser is final before the first slice.
 @triton.jit
 def sweep_kernel(
     own_ptr, other_ptr, stat_ptr, dscale_ptr,
@@ -79,7 +87,7 @@ def sweep_kernel(
     DSCALE: tl.constexpr,
     DIAG: tl.constexpr, TRANSFORM: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, WIDE_GRAD: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE_GRAD: tl.constexpr, GRAD_PRECISION: tl.constexpr, WHOLE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_gs = tl.program_id(1)
@@ -103,12 +111,20 @@ def sweep_kernel(
     norm = tl.load(norm_ptr)
     inv_norm = 1.0 / norm
 
+    if OWN_BCAST:
+        part_idx = g * n_split + chunk  # one slice per (group, chunk); the group index of the output is 0
+        grp_idx = g * 0
+    else:
+        part_idx = chunk.to(tl.int64)
+        grp_idx = g
+    own_out = own_ptr + part_idx * stride_op + grp_idx * stride_og
+
     own_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     stat_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_run = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # ONLINE: running max and Σ e^(T − m_run)
     l_run = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ds_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if OTHER_ATOMIC:
+    if OTHER_ATOMIC & (not WHOLE):
         a_slice = tl.load(a_grp + offs_m[:, None] * stride_an + offs_d[None, :] * stride_ad,
                           mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -157,18 +173,36 @@ def sweep_kernel(
             grad = tl.where(valid & ~on_diag, grad, 0.0)
             if DSCALE:
                 ds_acc += tl.sum(grad * raw, axis=1)
+            if WHOLE & ONLINE:  # the whole row is in this tile: its softmax is final
+                grad = grad * tl.where(l_run > 0, 1.0 / l_run, 0.0)[:, None]
             if WIDE_GRAD:  # G stays fp32 and the operand slices are widened to it (GRAD_PRECISION: TF32)
                 grad_lp = grad * inv_norm
             else:
                 grad_lp = (grad * inv_norm).to(b_ptr.dtype.element_ty)
-            if OWN_MODE != OWN_NONE:
-                b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                                  mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                own_acc = mma(grad_lp, b_slice.to(grad_lp.dtype), own_acc, GRAD_PRECISION)
-            if OTHER_ATOMIC:
-                part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
-                tl.atomic_add(other_ptr + g * stride_tg + offs_n[:, None] * stride_tn + offs_d[None, :] * stride_td,
-                              part, mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if WHOLE:
+                for d0 in range(0, D, BLOCK_D):
+                    offs_w = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+                    w_ok = offs_w < D
+                    if OWN_MODE != OWN_NONE:
+                        b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_w[None, :] * stride_bd,
+                                          mask=n_ok[:, None] & w_ok[None, :], other=0.0)
+                        part = mma(grad_lp, b_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
+                        emit(own_out, part, offs_m, offs_w, m_ok, w_ok, stride_on, stride_od, OWN_MODE)
+                    if OTHER_ATOMIC:
+                        a_slice = tl.load(a_grp + offs_m[:, None] * stride_an + offs_w[None, :] * stride_ad,
+                                          mask=m_ok[:, None] & w_ok[None, :], other=0.0)
+                        part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
+                        emit(other_ptr + g * stride_tg, part, offs_n, offs_w, n_ok, w_ok, stride_tn, stride_td,
+                             OWN_ATOMIC)
+            else:
+                if OWN_MODE != OWN_NONE:
+                    b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    own_acc = mma(grad_lp, b_slice.to(grad_lp.dtype), own_acc, GRAD_PRECISION)
+                if OTHER_ATOMIC:
+                    part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
+                    emit(other_ptr + g * stride_tg, part, offs_n, offs_d, n_ok, d_ok, stride_tn, stride_td,
+                         OWN_ATOMIC)
 
     # Only the programs of the first feature block report the D-independent results (others recomputed them).
     if ONLINE:
@@ -181,31 +215,34 @@ def sweep_kernel(
             tl.store(stat_ptr + chunk.to(tl.int64) * stride_sp + g * stride_sg + offs_m, stat_acc, mask=m_ok)
         if DSCALE:
             tl.store(dscale_ptr + pid_gs.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(ds_acc, axis=0))
-    if OWN_MODE != OWN_NONE:
-        own_acc = own_acc * (scale * norm)
-        if OWN_BCAST:
-            part_idx = g * n_split + chunk  # one slice per (group, chunk); the group index of the output is 0
-            grp_idx = g * 0
-        else:
-            part_idx = chunk.to(tl.int64)
-            grp_idx = g
-        out = own_ptr + part_idx * stride_op + grp_idx * stride_og + offs_m[:, None] * stride_on \
-            + offs_d[None, :] * stride_od
-        mask = m_ok[:, None] & d_ok[None, :]
-        if OWN_MODE == OWN_ATOMIC:
-            tl.atomic_add(out, own_acc, mask=mask, sem="relaxed")
-        else:
-            tl.store(out, own_acc.to(own_ptr.dtype.element_ty), mask=mask)
+    if (OWN_MODE != OWN_NONE) & (not WHOLE):
+        emit(own_out, own_acc * (scale * norm), offs_m, offs_d, m_ok, d_ok, stride_on, stride_od, OWN_MODE)
+
+
+@triton.jit
+def emit(out_ptr, value, offs_r, offs_d, r_ok, d_ok, stride_r, stride_d, MODE: tl.constexpr):
+    """A (rows, BLOCK_D) block of a gradient leaves the program: added with fp32 atomics (OWN_ATOMIC) or stored in
+    the output's dtype (OWN_STORE, and OWN_PARTIAL's fp32 slice)."""
+    out = out_ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    mask = r_ok[:, None] & d_ok[None, :]
+    if MODE == OWN_ATOMIC:
+        tl.atomic_add(out, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------ dispatch
 
-VARIANTS = ("two_pass", "atomic", "split")
+VARIANTS = ("two_pass", "atomic", "split", "whole")
+#: the plans whose row sweep can build the row log-sum-exp and its gradients together (one program per row block)
+ONLINE_VARIANTS = ("two_pass", "whole")
 
 # Thresholds of choose_plan, the fallback on a device without a tuned table (`rmi-fast tune` writes one; see
 # rmi_fast.tuning). First-principles values, not measured.
-#: aim for at least this many programs per pass (≈ 4 per SM of a 132-SM H100) before splitting sweeps
-TARGET_PROGRAMS = 4 * 132
+#: streaming multiprocessors of an H100
+SMS = 132
+#: aim for at least this many programs per pass before splitting sweeps
+TARGET_PROGRAMS = 4 * SMS
 #: (b) keeps dy in an fp32 atomic buffer; use it while that buffer (By·D·4 bytes per group) stays L2-resident
 ATOMIC_MAX_BUFFER_BYTES = 16 << 20
 #: never split a sweep into more chunks than this (each chunk re-reads its own rows' operand)
@@ -221,16 +258,22 @@ class Plan:
 
 
 def choose_plan(Bx: int, By: int, D: int, G: int, deterministic: bool, block_m: int = 64,
-                block_n: int = 64, block_d: int = 128) -> Plan:
+                block_n: int = 64, block_d: int = 128, whole_max: int = 0) -> Plan:
     """The backward variant for a shape (see the module docstring for the trade-offs).
 
+    * D spans several feature blocks, neither side has more than ``whole_max`` rows (the whole tile's limit) and
+      their row blocks keep at least half the SMs busy → ``whole``: S once per pass instead of once per feature
+      block, which even in a single wave of programs is less than half the work of the alternatives;
     * too few programs to fill the GPU (small B, few groups) → ``split`` into enough chunks;
     * else, when atomics are allowed and the fp32 dy buffer is L2-sized → ``atomic`` (one pass: S computed once
       instead of twice per feature block);
     * else → ``two_pass``.
     """
     d_blocks = triton.cdiv(D, block_d)
-    programs = min(triton.cdiv(Bx, block_m), triton.cdiv(By, block_m)) * G * d_blocks
+    row_programs = min(triton.cdiv(Bx, block_m), triton.cdiv(By, block_m)) * G
+    if d_blocks > 1 and max(Bx, By) <= whole_max and 2 * row_programs >= SMS:
+        return Plan("whole")
+    programs = row_programs * d_blocks
     if programs < TARGET_PROGRAMS:
         chunks = min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(min(Bx, By), block_n), MAX_SPLIT)
         if chunks > 1:
@@ -247,6 +290,12 @@ def check_plan(plan: Plan, deterministic: bool) -> None:
         raise ValueError(f"split must be ≥ 1, got {plan.split}")
     if plan.variant == "atomic" and deterministic:
         raise ValueError("the 'atomic' backward variant uses atomics and cannot be deterministic")
+
+
+def check_whole(Bx: int, By: int, whole_max: int) -> None:
+    if max(Bx, By) > whole_max:
+        raise ValueError(f"the 'whole' backward variant holds every row of the other operand in one tile: at most "
+                         f"{whole_max} rows on either side for these inputs, got {Bx} and {By}")
 
 
 # ------------------------------------------------------------------------------------------------------ launcher
@@ -275,20 +324,21 @@ def _weight_norm(weights, device) -> torch.Tensor:
 
 
 def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: torch.Tensor | None,
-           stat_out: torch.Tensor | None, dscale_parts: bool, online: bool = False):
+           stat_out: torch.Tensor | None, dscale_parts: bool, online: bool = False, whole: bool = False):
     """Launch one sweep. Returns (own result or None, dscale partials or None).
 
     own_mode: OWN_NONE / OWN_STORE / OWN_PARTIAL / OWN_ATOMIC (see the kernel); other: the fp32 atomic buffer of the
     other operand's gradient (Gb, Nb, D) or None; stat_out: (split, G, NA) fp32 for the row statistic or None;
-    online: the row log-sum-exp and its unit-weight gradients in one sweep (split must be 1).
+    online: the row log-sum-exp and its unit-weight gradients in one sweep (split must be 1); whole: one tile of
+    every other row, D walked in slices (split must be 1).
     """
     a, b = (p.y, p.x) if transposed else (p.x, p.y)
     G, sag, sbg = group_layout(a, b)
     NA, NB, D = a.shape[1], b.shape[1], a.shape[2]
     own_bcast = a.shape[0] == 1 and G > 1
-    cfg = tile_config(D, a.device, a.dtype, atomic=other is not None)
+    cfg = tile_config(D, a.device, a.dtype, atomic=other is not None, whole_rows=NB if whole else 0)
     BM, BD = cfg["BLOCK_M"], cfg["BLOCK_D"]
-    d_blocks = triton.cdiv(D, BD) if (own_mode or other is not None) else 1
+    d_blocks = triton.cdiv(D, BD) if (own_mode or other is not None) and not whole else 1
     grid = (triton.cdiv(NA, BM), G * split, d_blocks)
 
     own = None
@@ -328,7 +378,7 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
         ONLINE=online, DSCALE=dscale_parts,
         DIAG=DIAGONAL_CODE[spec.diagonal], TRANSFORM=TRANSFORM_CODE[spec.transform], COLUMNS=spec.columns,
         BLOCK_M=BM, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=BD,
-        PRECISION=precision, WIDE_GRAD=wide, GRAD_PRECISION="tf32" if wide else precision,
+        PRECISION=precision, WIDE_GRAD=wide, GRAD_PRECISION="tf32" if wide else precision, WHOLE=whole,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return own, ds
@@ -352,38 +402,44 @@ def _own_mode(operand: torch.Tensor, G: int, split: int, deterministic: bool) ->
 def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> Plan:
     """The given plan, validated; else the plan measured fastest at the nearest shape on this device (its tuned
     table, :mod:`rmi_fast.tuning`), else :func:`choose_plan`'s for these shapes."""
+    G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
+    whole_max = whole_max_rows(x.device, x.dtype)
     if plan is None:
-        G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
         cfg = tile_config(D, x.device, x.dtype)
         measured = tuning.triton_plan(x, y, spec)
-        if measured is not None:
+        # a whole tile measured at a shape with fewer rows than these
+        if measured is not None and not (measured[0] == "whole" and max(Bx, By) > whole_max):
             variant, split = measured
             # a split measured at a larger shape: no more chunks than either sweep has blocks
             plan = Plan(variant, max(1, min(split, triton.cdiv(min(Bx, By), cfg["BLOCK_N"]))))
         else:
-            plan = choose_plan(Bx, By, D, G, spec.deterministic, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"])
+            plan = choose_plan(Bx, By, D, G, spec.deterministic, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"],
+                               whole_max)
     check_plan(plan, spec.deterministic)
+    if plan.variant == "whole":
+        check_whole(Bx, By, whole_max)
     return plan
 
 
 def run(x, y, scale, spec, grad_tile, stats, weights, want, plan: Plan | None = None, stat_tile=None,
         online: bool = False):
     """(dx, dy, dscale) — and the row statistic computed in the same sweep, with ``stat_tile`` (row_sum) or
-    ``online`` (row_lse with unit weights and the two_pass plan: r, dx and dscale from one sweep, then dy from the
-    column sweep with that r).
+    ``online`` (row_lse with unit weights and the two_pass or whole plan: r, dx and dscale from one sweep, then dy
+    from the column sweep with that r).
 
     x: (Gx, Bx, D), y: (Gy, By, D); scale: 0-d; stats / weights: fp32 lists as in rmi_fast.ops.spec.
     Returns (stat or None, dx or None, dy or None, dscale or None); gradients in the input dtypes.
     """
     G, Bx = max(x.shape[0], y.shape[0]), x.shape[1]
     plan = resolve_plan(x, y, spec, plan)
-    if online and plan.variant != "two_pass":
-        raise ValueError(f"the online row sweep belongs to the two_pass plan, got {plan}")
+    if online and plan.variant not in ONLINE_VARIANTS:
+        raise ValueError(f"the online row sweep belongs to the plans {ONLINE_VARIANTS}, got {plan}")
     want_dx, want_dy, want_dscale = want
     weights = [stat_buffer(w) for w in weights]
     p = _Problem(x, y, scale, spec, grad_tile, stat_tile, [stat_buffer(s) for s in stats], weights,
                  _weight_norm(weights, x.device))
     split = plan.split if plan.variant == "split" else 1
+    whole = plan.variant == "whole"
     atomic_dy = plan.variant == "atomic" and want_dy
     with_stat = stat_tile is not None or online
     row_pass = want_dx or atomic_dy or with_stat or (want_dscale and not want_dy)
@@ -394,7 +450,7 @@ def run(x, y, scale, spec, grad_tile, stats, weights, want, plan: Plan | None = 
         dy_buf = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if atomic_dy else None
         stat_out = torch.empty((split, G, Bx), dtype=torch.float32, device=x.device) if with_stat else None
         own, dscale_parts = _sweep(p, transposed=False, split=split, own_mode=mode, other=dy_buf,
-                                   stat_out=stat_out, dscale_parts=want_dscale, online=online)
+                                   stat_out=stat_out, dscale_parts=want_dscale, online=online, whole=whole)
         if want_dx:
             dx = _finish(own, mode, x)
         if atomic_dy:
@@ -406,7 +462,7 @@ def run(x, y, scale, spec, grad_tile, stats, weights, want, plan: Plan | None = 
     if want_dy and dy is None:
         mode = _own_mode(y, G, split, spec.deterministic)
         own, parts = _sweep(p, transposed=True, split=split, own_mode=mode, other=None, stat_out=None,
-                            dscale_parts=want_dscale and dscale_parts is None)
+                            dscale_parts=want_dscale and dscale_parts is None, whole=whole)
         dy = _finish(own, mode, y)
         dscale_parts = parts if dscale_parts is None else dscale_parts
     dscale = dscale_parts.sum().to(scale.dtype) if want_dscale else None

@@ -135,9 +135,11 @@ def interpreted(device: torch.device) -> bool:
     return device.type != "cuda" and not offline.active()
 
 
-def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, atomic: bool = False) -> dict:
+def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, atomic: bool = False,
+                whole_rows: int = 0) -> dict:
     """Block sizes and launch options of the gradient sweep for operands of ``dtype`` (``atomic``: for the variant
-    that also adds the other operand's gradient with atomics).
+    that also adds the other operand's gradient with atomics; ``whole_rows``: for the "whole" plan's tile of that many
+    other rows, see below).
 
     Under the interpreter: the smallest tiles tl.dot accepts (speed of the CPU emulation). On a GPU, BLOCK_D bounds
     the fp32 gradient accumulator kept in registers (BLOCK_M × BLOCK_D). A D wider than BLOCK_D adds a grid axis over
@@ -150,10 +152,17 @@ def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat1
       fp32 with TF32: 256 (at 512 it reaches 255 registers and spills).
       fp32 without TF32 (PyTorch's default): the products run on the FMA units with their operand tiles in
         registers: 64.
+    The "whole" plan's tile spans every other row (BLOCK_N ≥ whole_rows, at most :func:`whole_max_rows`) and BLOCK_D
+    is then the width of the slices of D it walks, each product leaving the program at once: 64, with two pipeline
+    stages, keeps the staged operands within 164 KB of shared memory at 256 rows (sm_90 allows 227 KB a block).
     Their speed is still to be measured on an H100.
     """
+    whole_n = max(16, triton.next_power_of_2(whole_rows))
     if interpreted(device):
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=whole_n if whole_rows else 16, BLOCK_K=16, BLOCK_D=16, num_warps=1,
+                    num_stages=1)
+    if whole_rows:
+        return dict(BLOCK_M=64, BLOCK_N=whole_n, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=2)
     if dtype != torch.float32:
         widest = 256 if atomic else 512
     else:
@@ -161,6 +170,16 @@ def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat1
     block_d = min(max(triton.next_power_of_2(D), 16), widest)
     return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 128 else 64, BLOCK_K=32, BLOCK_D=block_d,
                 num_warps=8, num_stages=3)
+
+
+def whole_max_rows(device: torch.device, dtype: torch.dtype) -> int:
+    """The most other rows the "whole" plan's tile holds for operands of ``dtype`` (0: none). Its score tile is
+    BLOCK_M × BLOCK_N fp32 in registers: compiled as launched for sm_90, bf16/fp16 hold 256 rows without spills
+    (512 spill and overflow shared memory), TF32 128 (256 spill), and fp32 on the FMA units, which keeps its operand
+    tiles in registers too, spills at 128 already."""
+    if interpreted(device) or dtype != torch.float32:
+        return 256
+    return 128 if dot_precision(dtype, device) == "tf32" else 0
 
 
 def fwd_config(device: torch.device) -> dict:
