@@ -206,8 +206,8 @@ inline void for_column_blocks(int64_t n, F&& f) {
 
 // Copies B's block of kc rows × NV vectors into out, contiguous (leading dimension NV·W). B's rows lie ldb apart, and
 // at a power-of-two ldb (D = 128: 512 bytes) a block of kc = NN_KC rows falls into a few of L1's 64 sets (8 at
-// 512 bytes), far fewer lines than it has: unpacked, it was fetched from L2 again for every block of rows (at
-// B = 512 and 2048, D = 128 with AVX2, nn and tn ran at 65–70% of nt's rate; packed, at 90–95%).
+// 512 bytes), far fewer lines than it has: unpacked, it was fetched from L2 again for every block of rows (timed
+// alone with AVX2 at B = 512 and 2048, D = 128: nn and tn at 65–70% of nt's rate unpacked, 90–95% packed).
 template <int NV>
 inline void pack_block(const float* B, int64_t ldb, int64_t kc, float* out) {
   for (int64_t s = 0; s < kc; ++s)
