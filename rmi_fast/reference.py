@@ -181,7 +181,10 @@ def _eager_scores(x, y, scale):
 
 def pair_stats(x, y, scale, spec: PairSpec) -> list[torch.Tensor]:
     S = _eager_scores(x, y, scale)
-    T = _transformed(S, spec, _diagonal_mask(spec, x.shape[1], y.shape[1], S.device))
+    return _stats_of(_transformed(S, spec, _diagonal_mask(spec, x.shape[1], y.shape[1], S.device)), spec)
+
+
+def _stats_of(T: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
     if spec.family == "row_lse":
         stats = [torch.logsumexp(T, dim=-1)]
         if spec.columns:
@@ -220,8 +223,26 @@ def pair_grads(x, y, scale, spec: PairSpec, stats, weights, want):
     ct = compute_dtype(x.dtype)
     xc, yc = x.to(ct), y.to(ct)
     raw = torch.matmul(xc, yc.transpose(-1, -2))
+    return _grads_of_scores(x, y, xc, yc, raw, scale.to(ct) * raw, scale, spec, stats, weights, want)
+
+
+def pair_stats_and_grads(x, y, scale, spec: PairSpec, want):
+    """The statistics and their gradients for unit upstream weights from one score matrix: three matrix products,
+    where the statistics and then pair_grads take four."""
+    ct = compute_dtype(x.dtype)
+    xc, yc = x.to(ct), y.to(ct)
+    raw = torch.matmul(xc, yc.transpose(-1, -2))
+    S = scale.to(ct) * raw
+    stats = _stats_of(_transformed(S, spec, _diagonal_mask(spec, x.shape[1], y.shape[1], S.device)), spec)
+    ones = [torch.ones_like(t) for t in stats]
+    return (stats, *_grads_of_scores(x, y, xc, yc, raw, S, scale, spec, stats, ones, want))
+
+
+def _grads_of_scores(x, y, xc, yc, raw, S, scale, spec: PairSpec, stats, weights, want):
+    """pair_grads given the inputs in the statistics' dtype (xc, yc), their products raw = x·yᵀ and S = scale·raw."""
+    ct = raw.dtype
     sc = scale.to(ct)
-    G = pair_grad_matrix(sc * raw, spec, stats, [w.to(ct) for w in weights])
+    G = pair_grad_matrix(S, spec, stats, [w.to(ct) for w in weights])
     dx = dy = dscale = None
     if want[0]:
         dx = (sc * torch.matmul(G, yc)).sum(0, keepdim=True) if x.shape[0] == 1 else sc * torch.matmul(G, yc)
