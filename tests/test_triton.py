@@ -247,7 +247,7 @@ def test_fused_stats_and_grads(family, transform, diagonal, variant, side, deter
 
 # ----------------------------------------------------------------------------------------------- backward variants
 
-VARIANTS = [("two_pass", None), ("atomic", None), ("split", 2), ("split", 3), ("whole", None)]
+VARIANTS = [("two_pass", None), ("atomic", None), ("split", 2), ("split", 3), ("whole", None), ("whole", 3)]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -288,25 +288,33 @@ def test_dispatch_thresholds():
     assert choose_plan(16384, 16384, 128, 1, True) == Plan("split", 3)  # 256 row blocks: < 4 per SM
     assert choose_plan(2, 2, 8, 1, False) == Plan("atomic")  # one block: nothing to split, one pass
     assert choose_plan(64, 8192, 64, 1, False).split <= MAX_SPLIT
-    # the paper's critic at B = 128 (2 row blocks × 64 groups): S once per pass instead of once per 512 features
+    # the paper's critic (64 groups): S once per pass instead of once per 512 features, in two tiles at B = 512
     assert choose_plan(128, 128, 2048, 64, True, block_d=512, whole_max=256) == Plan("whole")
-    assert choose_plan(512, 512, 2048, 64, True, block_d=512, whole_max=256).variant != "whole"  # too many rows
+    assert choose_plan(512, 512, 2048, 64, True, block_d=512, whole_max=256) == Plan("whole", 2)
+    assert choose_plan(2048, 2048, 2048, 64, True, block_d=512, whole_max=256).variant != "whole"  # 8 tiles
     assert choose_plan(128, 128, 512, 64, True, block_d=512, whole_max=256).variant != "whole"  # one block already
     assert choose_plan(128, 128, 2048, 16, True, block_d=512, whole_max=256).variant != "whole"  # 32 programs
+    assert choose_plan(128, 128, 2048, 64, True, block_d=64).variant != "whole"  # no tile (fp32 on the FMA units)
     with pytest.raises(ValueError, match="cannot be deterministic"):
         check_plan(Plan("atomic"), deterministic=True)
     with pytest.raises(ValueError, match="variant must be one of"):
         check_plan(Plan("three_pass"), deterministic=False)
 
 
-def test_whole_plan_refuses_batches_beyond_its_tile():
+def test_whole_plan_cuts_batches_beyond_its_tile():
+    """A whole plan asked for fewer chunks than a tile's rows allow gets as many as it needs, each pass as many as
+    its own side's rows take (x: 1 tile, y: 2), and the result stays exact."""
+    from rmi_fast.triton.backward import Plan, resolve_plan
     from rmi_fast.triton.common import whole_max_rows
 
     limit = whole_max_rows(torch.device(DEVICE), torch.float32)
-    x, y = _inputs((1, limit + 1, 16), (3, limit + 1, 16))
-    with pytest.raises(ValueError, match=f"at most {limit} rows"):
-        _backend("whole").grads(x, y, torch.tensor(1.0, device=DEVICE), PairSpec("global_lse"),
-                                [torch.zeros(3, device=DEVICE)], [torch.ones(3, device=DEVICE)], (True, True, True))
+    spec = PairSpec("global_lse", diagonal="exclude", diag_offset=-3)
+    x, y, scale, _, weights, rgrads = _contract_case(spec, (1, 40, 16), (2, limit + 1, 16), seed=3)
+    assert resolve_plan(x, y, spec, Plan("whole")) == Plan("whole", 2)
+    be = _backend("whole")
+    for got, want in zip(be.grads(x, y, scale, spec, be.stats(x, y, scale, spec), weights, (True, True, True)),
+                         rgrads):
+        _close(got, want)
 
 
 # ---------------------------------------------------------------------------------------- determinism, precision

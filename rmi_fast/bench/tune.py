@@ -59,6 +59,11 @@ class Shape:
         return f"{self.kernel}/{rows}/D{self.D}/{self.dtype}"
 
 
+def plan_name(plan: str, split: int) -> str:
+    """A Triton backward variant with its chunk count where it has one: "split4", "whole2", "two_pass"."""
+    return f"{plan}{split}" if plan == "split" or split > 1 else plan
+
+
 @dataclass(frozen=True)
 class Candidate:
     backend: str
@@ -70,7 +75,7 @@ class Candidate:
     def name(self) -> str:
         if self.plan is None:
             return self.backend
-        variant = f"split{self.split}" if self.plan == "split" else self.plan
+        variant = plan_name(self.plan, self.split)
         return f"{self.backend}:{variant}" + (":det" if self.deterministic else "")
 
 
@@ -106,14 +111,17 @@ def candidates(device: str, shape: Shape, quick: bool = False) -> list[Candidate
 
         blocks = math.ceil(shape.B / tile_config(shape.D, torch.device(device))["BLOCK_N"])
         splits = [k for k in SPLITS if k <= blocks]
-        whole = shape.B <= whole_max_rows(torch.device(device), DTYPES[shape.dtype])
+        from ..triton.backward import WHOLE_MAX_CHUNKS
+
+        whole_max = whole_max_rows(torch.device(device), DTYPES[shape.dtype])
+        tiles = math.ceil(shape.B / whole_max) if whole_max else 0
         for det in (False, True):
             out.append(Candidate("triton", "two_pass", 1, det))
             if not det:
                 out.append(Candidate("triton", "atomic", 1, det))
             out += [Candidate("triton", "split", k, det) for k in splits]
-            if whole:
-                out.append(Candidate("triton", "whole", 1, det))
+            if 0 < tiles <= WHOLE_MAX_CHUNKS:
+                out.append(Candidate("triton", "whole", tiles, det))
     return out
 
 
@@ -238,7 +246,7 @@ def summary(table: tuning.Table) -> str:
              f"{'median ms per backend':<44} triton plan"]
     for e in table.entries:
         times = "  ".join(f"{k} {v:.3g}" for k, v in sorted(e.ms.items(), key=lambda kv: kv[1]))
-        plan = "-" if e.plan is None else (f"split{e.split}" if e.plan == "split" else e.plan)
+        plan = "-" if e.plan is None else plan_name(e.plan, e.split)
         det = "any" if e.plan is None else ("yes" if e.deterministic else "no")
         lines.append(f"{e.kernel:<16} {e.bits:>4} {e.Bx:>6} {e.D:>5} {e.G:>3} {det:>3}"
                      f"  {e.backend:<7}  {times:<44} {plan}")

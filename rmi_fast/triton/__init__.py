@@ -28,8 +28,8 @@ class TritonBackend(Backend):
     """Fused Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
 
     backward: "auto" (the device's tuned table, else :func:`rmi_fast.triton.backward.choose_plan`) or one of "two_pass",
-    "atomic", "split", "whole" to force a variant; split: the number of chunks of the "split" variant (None: chosen by
-    shape).
+    "atomic", "split", "whole" to force a variant; split: the number of chunks of the "split" and "whole" variants
+    (None: 2 for split; whole takes as many as its tiles need).
     """
 
     name = "triton"

@@ -23,10 +23,10 @@ Backward variants (all exact; see :func:`choose_plan`):
 * ``split``    — (c) two passes whose sweeps are each cut into ``split`` chunks run by separate programs: more
   programs for small B. The chunks' fp32 partial gradients meet through atomics, or, when deterministic, in
   per-chunk fp32 buffers summed in a fixed order.
-* ``whole``    — (d) two passes like (a), for small batches (at most 256 rows on either side in 16-bit,
-  :func:`~.common.whole_max_rows`): a program's one tile holds every row of the other operand, so it computes S
-  once and walks D in slices, where (a) has a grid axis over feature blocks that recomputes S for each (2 + 2
-  GEMM-equivalents at any D). Deterministic.
+* ``whole``    — (d) two passes like (a), for small batches: a program's one tile holds every row of the other
+  operand, or of one of ``split`` chunks of them (at most 256 rows a tile in 16-bit, :func:`~.common.whole_max_rows`),
+  so it computes S once and walks D in slices, where (a) has a grid axis over feature blocks that recomputes S for
+  each (2 + 2 GEMM-equivalents at any D). Chunks meet like split's. Deterministic but for those atomics.
 
 The gradient of a broadcast operand is a sum over groups: the group is a grid axis, and the per-group programs'
 results meet like split chunks do (atomics, or fp32 partial buffers summed in fixed order when deterministic).
@@ -234,8 +234,6 @@ def emit(out_ptr, value, offs_r, offs_d, r_ok, d_ok, stride_r, stride_d, MODE: t
 # ------------------------------------------------------------------------------------------------------ dispatch
 
 VARIANTS = ("two_pass", "atomic", "split", "whole")
-#: the plans whose row sweep can build the row log-sum-exp and its gradients together (one program per row block)
-ONLINE_VARIANTS = ("two_pass", "whole")
 
 # Thresholds of choose_plan, the fallback on a device without a tuned table (`rmi-fast tune` writes one; see
 # rmi_fast.tuning). First-principles values, not measured.
@@ -247,11 +245,13 @@ TARGET_PROGRAMS = 4 * SMS
 ATOMIC_MAX_BUFFER_BYTES = 16 << 20
 #: never split a sweep into more chunks than this (each chunk re-reads its own rows' operand)
 MAX_SPLIT = 64
+#: (d) for batches of at most this many whole tiles (a deterministic run keeps an fp32 partial gradient per chunk)
+WHOLE_MAX_CHUNKS = 4
 
 
 @dataclass(frozen=True)
 class Plan:
-    """variant ∈ VARIANTS; split = chunks per sweep (1 except for "split")."""
+    """variant ∈ VARIANTS; split = chunks per sweep (1 except for "split" and "whole")."""
 
     variant: str
     split: int = 1
@@ -261,9 +261,9 @@ def choose_plan(Bx: int, By: int, D: int, G: int, deterministic: bool, block_m: 
                 block_n: int = 64, block_d: int = 128, whole_max: int = 0) -> Plan:
     """The backward variant for a shape (see the module docstring for the trade-offs).
 
-    * D spans several feature blocks, neither side has more than ``whole_max`` rows (the whole tile's limit) and
-      their row blocks keep at least half the SMs busy → ``whole``: S once per pass instead of once per feature
-      block, which even in a single wave of programs is less than half the work of the alternatives;
+    * D spans several feature blocks, either side's rows fit a few whole tiles (of ``whole_max`` rows) and those
+      keep at least half the SMs busy → ``whole``: S once per pass instead of once per feature block, which even in
+      a single wave of programs is less than half the work of the alternatives;
     * too few programs to fill the GPU (small B, few groups) → ``split`` into enough chunks;
     * else, when atomics are allowed and the fp32 dy buffer is L2-sized → ``atomic`` (one pass: S computed once
       instead of twice per feature block);
@@ -271,8 +271,9 @@ def choose_plan(Bx: int, By: int, D: int, G: int, deterministic: bool, block_m: 
     """
     d_blocks = triton.cdiv(D, block_d)
     row_programs = min(triton.cdiv(Bx, block_m), triton.cdiv(By, block_m)) * G
-    if d_blocks > 1 and max(Bx, By) <= whole_max and 2 * row_programs >= SMS:
-        return Plan("whole")
+    tiles = triton.cdiv(max(Bx, By), whole_max) if whole_max else 0
+    if d_blocks > 1 and 0 < tiles <= WHOLE_MAX_CHUNKS and 2 * row_programs * tiles >= SMS:
+        return Plan("whole", tiles)
     programs = row_programs * d_blocks
     if programs < TARGET_PROGRAMS:
         chunks = min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(min(Bx, By), block_n), MAX_SPLIT)
@@ -292,10 +293,17 @@ def check_plan(plan: Plan, deterministic: bool) -> None:
         raise ValueError("the 'atomic' backward variant uses atomics and cannot be deterministic")
 
 
-def check_whole(Bx: int, By: int, whole_max: int) -> None:
-    if max(Bx, By) > whole_max:
-        raise ValueError(f"the 'whole' backward variant holds every row of the other operand in one tile: at most "
-                         f"{whole_max} rows on either side for these inputs, got {Bx} and {By}")
+def whole_tiles(NB: int, split: int) -> tuple[int, int]:
+    """(rows a tile, tiles) of the whole plan's pass over NB other rows cut into ``split`` chunks: one tile each, of
+    a power of two rows, as few as that takes (never an empty one: its program would leave its gradient unwritten)."""
+    rows = max(16, triton.next_power_of_2(triton.cdiv(NB, split)))
+    return rows, triton.cdiv(NB, rows)
+
+
+def rows_in_one_program(plan: Plan, NB: int) -> bool:
+    """Whether the plan's row sweep gives one program every column of its rows (two_pass; whole in one tile): then
+    it can build the row log-sum-exp and its gradients in the same sweep."""
+    return plan.variant == "two_pass" or (plan.variant == "whole" and whole_tiles(NB, plan.split)[1] == 1)
 
 
 # ------------------------------------------------------------------------------------------------------ launcher
@@ -330,13 +338,14 @@ def _sweep(p: _Problem, *, transposed: bool, split: int, own_mode: int, other: t
     own_mode: OWN_NONE / OWN_STORE / OWN_PARTIAL / OWN_ATOMIC (see the kernel); other: the fp32 atomic buffer of the
     other operand's gradient (Gb, Nb, D) or None; stat_out: (split, G, NA) fp32 for the row statistic or None;
     online: the row log-sum-exp and its unit-weight gradients in one sweep (split must be 1); whole: one tile of
-    every other row, D walked in slices (split must be 1).
+    the other rows per chunk (split = whole_tiles' count), D walked in slices.
     """
     a, b = (p.y, p.x) if transposed else (p.x, p.y)
     G, sag, sbg = group_layout(a, b)
     NA, NB, D = a.shape[1], b.shape[1], a.shape[2]
     own_bcast = a.shape[0] == 1 and G > 1
-    cfg = tile_config(D, a.device, a.dtype, atomic=other is not None, whole_rows=NB if whole else 0)
+    cfg = tile_config(D, a.device, a.dtype, atomic=other is not None,
+                      whole_rows=whole_tiles(NB, split)[0] if whole else 0)
     BM, BD = cfg["BLOCK_M"], cfg["BLOCK_D"]
     d_blocks = triton.cdiv(D, BD) if (own_mode or other is not None) and not whole else 1
     grid = (triton.cdiv(NA, BM), G * split, d_blocks)
@@ -407,8 +416,7 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
     if plan is None:
         cfg = tile_config(D, x.device, x.dtype)
         measured = tuning.triton_plan(x, y, spec)
-        # a whole tile measured at a shape with fewer rows than these
-        if measured is not None and not (measured[0] == "whole" and max(Bx, By) > whole_max):
+        if measured is not None:
             variant, split = measured
             # a split measured at a larger shape: no more chunks than either sweep has blocks
             plan = Plan(variant, max(1, min(split, triton.cdiv(min(Bx, By), cfg["BLOCK_N"]))))
@@ -416,8 +424,11 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
             plan = choose_plan(Bx, By, D, G, spec.deterministic, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"],
                                whole_max)
     check_plan(plan, spec.deterministic)
-    if plan.variant == "whole":
-        check_whole(Bx, By, whole_max)
+    if plan.variant == "whole":  # at least as many chunks as the tiles need
+        if not whole_max:
+            raise ValueError(f"the 'whole' backward variant has no tile for {x.dtype} inputs here (fp32 without TF32 "
+                             "multiplies on the FMA units, whose operand tiles would not fit its registers)")
+        plan = Plan("whole", max(plan.split, triton.cdiv(max(Bx, By), whole_max)))
     return plan
 
 
@@ -432,24 +443,26 @@ def run(x, y, scale, spec, grad_tile, stats, weights, want, plan: Plan | None = 
     """
     G, Bx = max(x.shape[0], y.shape[0]), x.shape[1]
     plan = resolve_plan(x, y, spec, plan)
-    if online and plan.variant not in ONLINE_VARIANTS:
-        raise ValueError(f"the online row sweep belongs to the plans {ONLINE_VARIANTS}, got {plan}")
+    if online and not rows_in_one_program(plan, y.shape[1]):
+        raise ValueError(f"the online row sweep needs every column of a row in one program, not {plan}")
     want_dx, want_dy, want_dscale = want
     weights = [stat_buffer(w) for w in weights]
     p = _Problem(x, y, scale, spec, grad_tile, stat_tile, [stat_buffer(s) for s in stats], weights,
                  _weight_norm(weights, x.device))
-    split = plan.split if plan.variant == "split" else 1
+    split = plan.split if plan.variant in ("split", "whole") else 1
     whole = plan.variant == "whole"
+    # chunks of the row pass (over y's rows) and the column pass (over x's): a whole pass runs as many as its tiles
+    row_split, col_split = (whole_tiles(n, split)[1] for n in (y.shape[1], Bx)) if whole else (split, split)
     atomic_dy = plan.variant == "atomic" and want_dy
     with_stat = stat_tile is not None or online
     row_pass = want_dx or atomic_dy or with_stat or (want_dscale and not want_dy)
     stat = dx = dy = dscale_parts = None
 
     if row_pass:
-        mode = _own_mode(x, G, split, spec.deterministic) if want_dx else OWN_NONE
+        mode = _own_mode(x, G, row_split, spec.deterministic) if want_dx else OWN_NONE
         dy_buf = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if atomic_dy else None
-        stat_out = torch.empty((split, G, Bx), dtype=torch.float32, device=x.device) if with_stat else None
-        own, dscale_parts = _sweep(p, transposed=False, split=split, own_mode=mode, other=dy_buf,
+        stat_out = torch.empty((row_split, G, Bx), dtype=torch.float32, device=x.device) if with_stat else None
+        own, dscale_parts = _sweep(p, transposed=False, split=row_split, own_mode=mode, other=dy_buf,
                                    stat_out=stat_out, dscale_parts=want_dscale, online=online, whole=whole)
         if want_dx:
             dx = _finish(own, mode, x)
@@ -460,8 +473,8 @@ def run(x, y, scale, spec, grad_tile, stats, weights, want, plan: Plan | None = 
         if online:
             p.stats = [stat]  # the column sweep's normaliser
     if want_dy and dy is None:
-        mode = _own_mode(y, G, split, spec.deterministic)
-        own, parts = _sweep(p, transposed=True, split=split, own_mode=mode, other=None, stat_out=None,
+        mode = _own_mode(y, G, col_split, spec.deterministic)
+        own, parts = _sweep(p, transposed=True, split=col_split, own_mode=mode, other=None, stat_out=None,
                             dscale_parts=want_dscale and dscale_parts is None, whole=whole)
         dy = _finish(own, mode, y)
         dscale_parts = parts if dscale_parts is None else dscale_parts

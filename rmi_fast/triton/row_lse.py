@@ -144,13 +144,13 @@ def grads(x, y, scale, spec, stats, weights, want, plan=None):
 def stats_and_grads(x, y, scale, spec, want, plan=None):
     """Statistics and unit-weight gradients, or None where fusing gains nothing.
 
-    Without ``columns`` and with the two_pass or whole plan, the statistic sweep and the dx sweep are one (online
-    softmax, see backward.sweep_kernel): 2 + 2 GEMM-equivalents instead of 1 + 2 + 2. The atomic plan already needs
-    only 1 + 2 after the statistic, and a split sweep cannot share one running normaliser; column statistics are not
-    known until every row block has been seen.
+    Without ``columns`` and with the two_pass plan (or a whole plan in one tile), the statistic sweep and the dx sweep
+    are one (online softmax, see backward.sweep_kernel): 2 + 2 GEMM-equivalents instead of 1 + 2 + 2. The atomic
+    plan already needs only 1 + 2 after the statistic, and the chunks of a split sweep cannot share one running
+    normaliser; column statistics are not known until every row block has been seen.
     """
     plan = backward.resolve_plan(x, y, spec, plan)
-    if spec.columns or plan.variant not in backward.ONLINE_VARIANTS:
+    if spec.columns or not backward.rows_in_one_program(plan, y.shape[1]):
         return None
     ones = torch.ones((max(x.shape[0], y.shape[0]), x.shape[1]), dtype=torch.float32, device=x.device)
     stat, dx, dy, dscale = backward.run(x, y, scale, spec, grad_tile, [], [ones], want, plan, online=True)
