@@ -1,9 +1,10 @@
 """``rmi-fast tune``: which backend, and which Triton backward variant, is fastest for each shape on this device.
 
 For every shape of a grid (kernel × precision × B × D × G), every candidate — each backend usable here and, for
-Triton, each backward variant: ``two_pass``, ``atomic``, ``split`` into 2–16 chunks, ``whole`` (batches small enough
-for its one tile), and the deterministic runs (no ``atomic``; split chunks meet in fixed order) — computes the negative-part statistics with every gradient
-(``stats_and_grads``: the work of a mean-reduced bound's forward and backward). Each candidate's results are first
+Triton, each backward variant: ``two_pass``, ``atomic``, ``split`` into 2–16 chunks, ``whole`` (batches of a few
+tiles of whole rows), and the deterministic runs (no ``atomic``; chunks meet in fixed order) — computes the
+negative-part statistics with every gradient (``stats_and_grads``: the work of a mean-reduced bound's forward and
+backward). Each candidate's results are first
 checked against the ``torch`` backend on fp32 copies of the same inputs; one that disagrees is recorded with the
 reason and never timed. The winners make the device's tuned table (:mod:`rmi_fast.tuning`), which
 ``backend="auto"`` and the Triton backward then follow.
@@ -107,14 +108,12 @@ def _triton_usable(device: str, quick: bool) -> bool:
 def candidates(device: str, shape: Shape, quick: bool = False) -> list[Candidate]:
     out = [Candidate(name) for name in backends.preference(device) if name != "triton"]
     if _triton_usable(device, quick):
+        from ..triton.backward import WHOLE_MAX_CHUNKS, whole_chunks
         from ..triton.common import tile_config, whole_max_rows
 
         blocks = math.ceil(shape.B / tile_config(shape.D, torch.device(device))["BLOCK_N"])
         splits = [k for k in SPLITS if k <= blocks]
-        from ..triton.backward import WHOLE_MAX_CHUNKS
-
-        whole_max = whole_max_rows(torch.device(device), DTYPES[shape.dtype])
-        tiles = math.ceil(shape.B / whole_max) if whole_max else 0
+        tiles = whole_chunks(shape.B, shape.B, whole_max_rows(torch.device(device), DTYPES[shape.dtype]))
         for det in (False, True):
             out.append(Candidate("triton", "two_pass", 1, det))
             if not det:

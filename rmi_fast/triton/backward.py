@@ -26,7 +26,7 @@ Backward variants (all exact; see :func:`choose_plan`):
 * ``whole``    — (d) two passes like (a), for small batches: a program's one tile holds every row of the other
   operand, or of one of ``split`` chunks of them (at most 256 rows a tile in 16-bit, :func:`~.common.whole_max_rows`),
   so it computes S once and walks D in slices, where (a) has a grid axis over feature blocks that recomputes S for
-  each (2 + 2 GEMM-equivalents at any D). Chunks meet like split's. Deterministic but for those atomics.
+  each (2 + 2 GEMM-equivalents at any D). Its chunks' partial gradients meet as in (c).
 
 The gradient of a broadcast operand is a sum over groups: the group is a grid axis, and the per-group programs'
 results meet like split chunks do (atomics, or fp32 partial buffers summed in fixed order when deterministic).
@@ -68,10 +68,11 @@ OWN_ATOMIC = tl.constexpr(3)   # fp32 atomic add into one buffer shared by the g
 # weights of a mean over a large batch (≈ 1/B² per entry) to zero. Every G/norm is then at most 1 but NWJ's
 # e^(S − 1), which passes fp16's range (65504) from S ≈ 12.1: for fp16 operands NWJ keeps G in fp32 (WIDE_GRAD) and
 # multiplies in TF32, whose 10-bit mantissa is fp16's, so the products are as exact as fp16's and never overflow.
-# WHOLE (the "whole" plan, for a few hundred other rows at most): one tile holds every other row, so each program
-# computes its score tile once and walks D in BLOCK_D slices, writing each slice of own and other at once — where
-# the feature-block grid axis would recompute the tile per slice (at the paper's critic shape, D = 2048: 4 times).
-# The tile is then the whole row, so ONLINE's normaliser is final before the first slice.
+# WHOLE (the "whole" plan, for a few hundred other rows at most): one tile holds every other row of the program's
+# chunk (the launcher sizes BLOCK_N and the chunks so that each program has exactly one tile), so it computes its
+# score tile once and walks D in BLOCK_D slices, writing each slice of own and other at once — where the
+# feature-block grid axis would recompute the tile per slice (at the paper's critic shape, D = 2048: 4 times). With
+# one chunk the tile is the whole row, so ONLINE's normaliser is final before the first slice.
 @triton.jit
 def sweep_kernel(
     own_ptr, other_ptr, stat_ptr, dscale_ptr,
@@ -271,7 +272,7 @@ def choose_plan(Bx: int, By: int, D: int, G: int, deterministic: bool, block_m: 
     """
     d_blocks = triton.cdiv(D, block_d)
     row_programs = min(triton.cdiv(Bx, block_m), triton.cdiv(By, block_m)) * G
-    tiles = triton.cdiv(max(Bx, By), whole_max) if whole_max else 0
+    tiles = whole_chunks(Bx, By, whole_max)
     if d_blocks > 1 and 0 < tiles <= WHOLE_MAX_CHUNKS and 2 * row_programs * tiles >= SMS:
         return Plan("whole", tiles)
     programs = row_programs * d_blocks
@@ -291,6 +292,11 @@ def check_plan(plan: Plan, deterministic: bool) -> None:
         raise ValueError(f"split must be ≥ 1, got {plan.split}")
     if plan.variant == "atomic" and deterministic:
         raise ValueError("the 'atomic' backward variant uses atomics and cannot be deterministic")
+
+
+def whole_chunks(Bx: int, By: int, whole_max: int) -> int:
+    """The fewest chunks the whole plan needs: tiles of at most whole_max rows over the larger side (0: no tile)."""
+    return triton.cdiv(max(Bx, By), whole_max) if whole_max else 0
 
 
 def whole_tiles(NB: int, split: int) -> tuple[int, int]:
@@ -428,7 +434,7 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
         if not whole_max:
             raise ValueError(f"the 'whole' backward variant has no tile for {x.dtype} inputs here (fp32 without TF32 "
                              "multiplies on the FMA units, whose operand tiles would not fit its registers)")
-        plan = Plan("whole", max(plan.split, triton.cdiv(max(Bx, By), whole_max)))
+        plan = Plan("whole", max(plan.split, whole_chunks(Bx, By, whole_max)))
     return plan
 
 
