@@ -429,7 +429,7 @@ def test_fp32_follows_allow_tf32():
 _COMPILE_SM90 = """
 import dataclasses, json, torch
 from rmi_fast.ops.spec import PairSpec
-from rmi_fast.triton import backward, global_lse, offline, row_lse, row_sum
+from rmi_fast.triton import backward, common, global_lse, offline, row_lse, row_sum
 from rmi_fast.triton.backward import Plan
 
 def launches(dtype, D, B=256, G=4):
@@ -447,7 +447,9 @@ def launches(dtype, D, B=256, G=4):
     yield "clip backward", lambda: row_lse.grads(x, y, s, clip, zero * 2, one * 2, want, Plan("two_pass"))
     yield "nwj fused", lambda: row_sum.stats_and_grads(x, y, s, nwj, want, Plan("two_pass"))
     yield "jsd atomic", lambda: row_sum.stats_and_grads(x, y, s, PairSpec("row_sum", "softplus"), want, Plan("atomic"))
-    yield "critic forward", lambda: global_lse.stats(x, yg, s, critic)
+    yield "critic forward", lambda: global_lse.stats(x, yg, s, critic)  # few programs: 64-row blocks
+    many = torch.randn(common.SMS, B, D).to(dtype)
+    yield "critic forward, many groups", lambda: global_lse.stats(x, many, s, critic)  # 128-row blocks
     for name, spec in (("critic split", critic), ("critic split deterministic", det)):
         yield name, lambda spec=spec: global_lse.grads(x, yg, s, spec, [torch.zeros(G)], [torch.ones(G)], want,
                                                         Plan("split", 4))
@@ -496,7 +498,9 @@ def test_launches_compile_for_sm90_without_spills(sm90_launches):
     for contiguous inputs, their tiles are staged asynchronously (cp.async or TMA); strided inputs compile too, to
     plain loads, still without spills."""
     variants = {(r["precision"], r["D"], r["variant"]) for r in sm90_launches}
-    assert len(variants) == 11 + 1 + 2 + 2 + 2, sorted(variants)
+    assert len(variants) == 12 + 1 + 2 + 2 + 2, sorted(variants)
+    forward_rows = {r["constants"]["BLOCK_M"] for r in sm90_launches if r["kernel"] == "lse_kernel"}
+    assert forward_rows == {64, 128}, forward_rows
     for r in sm90_launches:
         where = f"{r['precision']} D={r['D']} {r['variant']}: {r['kernel']} {r['constants']}"
         atomic = r["variant"] == "jsd atomic" and r["kernel"] == "sweep_kernel"

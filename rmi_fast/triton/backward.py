@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .. import tuning
 from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, mma, \
-    score_tile, stat_buffer, tile_config, whole_max_rows
+    SMS, score_tile, stat_buffer, tile_config, whole_max_rows
 
 # How a program's own gradient rows leave it.
 OWN_NONE = tl.constexpr(0)     # not wanted (statistic or dscale only)
@@ -238,8 +238,6 @@ VARIANTS = ("two_pass", "atomic", "split", "whole")
 
 # Thresholds of choose_plan, the fallback on a device without a tuned table (`rmi-fast tune` writes one; see
 # rmi_fast.tuning). First-principles values, not measured.
-#: streaming multiprocessors of an H100
-SMS = 132
 #: aim for at least this many programs per pass before splitting sweeps
 TARGET_PROGRAMS = 4 * SMS
 #: (b) keeps dy in an fp32 atomic buffer; use it while that buffer (By·D·4 bytes per group) stays L2-resident

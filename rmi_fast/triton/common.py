@@ -17,6 +17,9 @@ import triton.language as tl
 
 from . import offline
 
+#: streaming multiprocessors of an H100: the launch heuristics aim to give each at least one program
+SMS = 132
+
 # Diagonal handling (PairSpec.diagonal) and transforms, as compile-time codes.
 INCLUDE = tl.constexpr(0)
 EXCLUDE = tl.constexpr(1)
@@ -182,11 +185,14 @@ def whole_max_rows(device: torch.device, dtype: torch.dtype) -> int:
     return 128 if dot_precision(dtype, device) == "tf32" else 0
 
 
-def fwd_config(device: torch.device) -> dict:
-    """Tiles of the log-sum-exp sweep (no gradient accumulator: larger row blocks). Compiles for sm_90 without
-    spills in bf16/fp16 (a few spilled words in fp32); to be tuned on an H100."""
+def fwd_config(device: torch.device, rows: int = 0, groups: int = 1) -> dict:
+    """Tiles of the log-sum-exp sweep over ``rows`` rows in each of ``groups`` groups: no gradient accumulator, so
+    larger row blocks (128, 8 warps), but blocks of 64 (4 warps) where 128 would leave SMs without a program (the
+    paper's critic at B = 128: 64 programs for 132 SMs). To be tuned on an H100."""
     if interpreted(device):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    if triton.cdiv(rows, 128) * groups < SMS:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 
 

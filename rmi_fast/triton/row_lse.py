@@ -91,7 +91,7 @@ def lse_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec, clip: 
     """[r] or [r, c]: fp32 row (and column) log-sum-exps of T, r: (G, Bx), c: (G, By)."""
     G, sxg, syg = group_layout(x, y)
     Bx, By, D = x.shape[1], y.shape[1], x.shape[2]
-    cfg = fwd_config(x.device)
+    cfg = fwd_config(x.device, Bx, G)
     BM = cfg["BLOCK_M"]
     row_blocks = triton.cdiv(Bx, BM)
     r = torch.empty((G, Bx), dtype=torch.float32, device=x.device)
