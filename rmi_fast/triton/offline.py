@@ -43,9 +43,6 @@ class Compiled:
     shared_bytes: int
     instructions: dict
 
-    def uses(self, opcode: str) -> bool:
-        return self.instructions.get(opcode, 0) > 0
-
     def __str__(self) -> str:
         tiles = " ".join(f"{k}={v}" for k, v in self.constants.items() if k.startswith("BLOCK"))
         ops = " ".join(f"{k}:{v}" for k, v in self.instructions.items() if v)
