@@ -192,18 +192,16 @@ def sweep_kernel(
                     if OTHER_ATOMIC:
                         a_slice = tl.load(a_grp + offs_m[:, None] * stride_an + offs_w[None, :] * stride_ad,
                                           mask=m_ok[:, None] & w_ok[None, :], other=0.0)
-                        part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
-                        emit(other_ptr + g * stride_tg, part, offs_n, offs_w, n_ok, w_ok, stride_tn, stride_td,
-                             OWN_ATOMIC)
+                        add_other(other_ptr + g * stride_tg, grad_lp, a_slice, scale * norm, offs_n, offs_w, n_ok,
+                                  w_ok, stride_tn, stride_td, GRAD_PRECISION)
             else:
                 if OWN_MODE != OWN_NONE:
                     b_slice = tl.load(b_grp + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
                                       mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                     own_acc = mma(grad_lp, b_slice.to(grad_lp.dtype), own_acc, GRAD_PRECISION)
                 if OTHER_ATOMIC:
-                    part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * (scale * norm)
-                    emit(other_ptr + g * stride_tg, part, offs_n, offs_d, n_ok, d_ok, stride_tn, stride_td,
-                         OWN_ATOMIC)
+                    add_other(other_ptr + g * stride_tg, grad_lp, a_slice, scale * norm, offs_n, offs_d, n_ok, d_ok,
+                              stride_tn, stride_td, GRAD_PRECISION)
 
     # Only the programs of the first feature block report the D-independent results (others recomputed them).
     if ONLINE:
@@ -218,6 +216,15 @@ def sweep_kernel(
             tl.store(dscale_ptr + pid_gs.to(tl.int64) * tl.num_programs(0) + pid_m, tl.sum(ds_acc, axis=0))
     if (OWN_MODE != OWN_NONE) & (not WHOLE):
         emit(own_out, own_acc * (scale * norm), offs_m, offs_d, m_ok, d_ok, stride_on, stride_od, OWN_MODE)
+
+
+@triton.jit
+def add_other(out_ptr, grad_lp, a_slice, factor, offs_n, offs_d, n_ok, d_ok, stride_n, stride_d,
+              GRAD_PRECISION: tl.constexpr):
+    """The other operand's share of a tile: factor·Gᵀ·(a slice), added to its fp32 buffer with atomics (other
+    programs share its rows)."""
+    part = mma(tl.trans(grad_lp), a_slice.to(grad_lp.dtype), None, GRAD_PRECISION) * factor
+    emit(out_ptr, part, offs_n, offs_d, n_ok, d_ok, stride_n, stride_d, OWN_ATOMIC)
 
 
 @triton.jit
