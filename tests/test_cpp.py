@@ -2,6 +2,7 @@
 diagonals, bitwise repeatability, memory, low precision, NaN, strides and the portable SIMD build."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -138,6 +139,26 @@ def test_symmetric_infonce_with_huge_scores(cpp):
     assert torch.isfinite(dx).all() and torch.isfinite(dy).all()
     loss = rf.infonce_loss(x[0], y[0], temperature=1e-4, symmetric=True, backend="cpp")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["dv", "smile"])
+def test_reference_rising_past_fp32_range_between_tiles(cpp, name):
+    """The fused global log-sum-exp keeps a partition's dy partial relative to its running maximum. When a later
+    tile raises that maximum by more than about 104, the factor exp(old − new) underflows to 0: the partial must be
+    zeroed, not left as it was. Rows 0–149 score near 0, rows 150–299 near 150; row tiles of 128 put both kinds in
+    one partition's tiles."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.zeros(1, 300, 2)
+    x[0, :150, 1] = 1.0
+    x[0, 150:, 0] = 1.0
+    x += 0.01 * torch.randn(x.shape, generator=g)
+    y = torch.stack([torch.ones(300), 0.01 * torch.randn(300, generator=g)], -1)[None]
+    spec = dataclasses.replace(SPECS[name], clip=200.0)
+    stats, dx, dy, dscale = cpp.stats_and_grads(x, y, torch.tensor(150.0), spec, (True, True, True))
+    ref_stats, ref_grads = _oracle(x, y, 150.0, spec, [torch.ones(1)])
+    torch.testing.assert_close(stats[0].double(), ref_stats[0], **F32)
+    for got, ref in zip((dx, dy, dscale), ref_grads):
+        torch.testing.assert_close(got.double(), ref, **F32)
 
 
 @pytest.mark.parametrize("diagonal", ["exclude", "zero"])

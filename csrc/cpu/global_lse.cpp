@@ -89,14 +89,17 @@ std::pair<at::Tensor, Grads> fused_sweep(const Problem& pb, Want want) {
     for (int64_t p = 0; p < sw.partitions(); ++p) sw.begin_group(p);
     sw.for_blocks(g, [&](int64_t p, int64_t i0, int64_t rows) {
       float* S = sw.scores(p, g, i0, rows);
+      // Under an empty (−inf) reference every E so far was 0, so the dy partial is still all zeros.
+      const bool empty = accs[p].max == -std::numeric_limits<float>::infinity();
       // The clipped transform needs T itself for its indicator, so its E comes from a second pass.
       const float f = accumulate_tile(ops, accs[p], S, rows, pb.By, !clip);
       const float ref = lse_ref(accs[p].max);
       if (clip)
         for (int64_t k = 0; k < rows; ++k) ops.clipped_softmax_grad(S + k * pb.By, pb.By, ref, 1.0f, pb.opt.clip);
       Workspace& w = sw.workspace(p);
-      // f = 0: the reference rose from −inf, so nothing but zeros has been accumulated yet.
-      if (want.dy && f != 1.0f && f != 0.0f) ops.scale(w.dy.data_ptr<float>(), pb.By * pb.D, f);
+      // The partial moves to the new reference. f underflows to 0 when it rose by more than about 104: the partial
+      // is then below fp32 resolution of the result and must be zeroed, not kept.
+      if (want.dy && f != 1.0f && !empty) ops.scale(w.dy.data_ptr<float>(), pb.By * pb.D, f);
       sw.backprop(p, g, i0, rows, nullptr, need_dxraw ? raw.data_ptr<float>() + i0 * pb.D : nullptr);
       if (need_dxraw) tile_max[i0 / R] = accs[p].max;
     });
