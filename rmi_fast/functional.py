@@ -231,7 +231,8 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
         scale: float or 0-d tensor (gets a gradient when it requires one: a learnable temperature).
         reduction: "mean" → 0-d; "sum" → 0-d; "none" → the per-anchor terms t of shape (B,) or (G, B).
         backend: "auto" or one of :func:`rmi_fast.available_backends`.
-        clip: the clamp of ``smile``'s log term.
+        clip: the clamp of ``smile``'s log term. Its derivative is taken as 0 where |S| equals clip exactly (where
+            torch.clamp's autograd takes 1), on every backend.
         diagonal: how the negatives of nwj/dv/smile/jsd/mine treat S_ii: "exclude" (default) or "zero" (the
             released code of Zhu et al.: S_ii replaced by 0 and counted, normaliser unchanged).
         mine_ema: for "mine": the moving average of mean_{k≠l} exp S_kl the log term's gradient is taken against
