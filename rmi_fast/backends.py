@@ -15,6 +15,7 @@ import torch
 
 from . import tuning
 from .ops.spec import PairSpec
+from .tracing import constant_result
 
 
 #: The grid's y and z extents of one CUDA launch (the GPU backends put the groups on one of them).
@@ -108,7 +109,7 @@ class _Broken(Backend):
         return self._reason
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _load(names: str) -> str:
     """Instantiate the comma-separated backends not loaded yet. Its result (the argument) is a constant, so
     torch.compile runs it eagerly while tracing: a model compiled with fullgraph=True can dispatch on its first call."""

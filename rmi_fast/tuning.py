@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .ops.spec import PairSpec
+from .tracing import constant_result
 
 #: the kernels a table distinguishes: the three families, the row family with its column statistics (CLIP) apart
 KERNELS = ("row_lse", "row_lse+columns", "global_lse", "row_sum")
@@ -214,7 +215,7 @@ def _lookup(device: str, kernel: str, bits: int, octaves: tuple[int, int, int, i
 
 # The arguments are plain ints and strings and the result is a constant for them, so torch.compile runs the lookup
 # eagerly while tracing: a model compiled with fullgraph=True dispatches without a graph break.
-@torch.compiler.assume_constant_result
+@constant_result
 def _fastest_backend(device: str, kernel: str, bits: int, octaves: tuple[int, int, int, int],
                      deterministic: bool) -> str:
     entry = _lookup(device, kernel, bits, octaves, deterministic, False)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rmi_fast as rf
+from rmi_fast import tracing
 from rmi_fast.ops import pairwise
 from rmi_fast.attacks import apgd, pgd
 
@@ -77,6 +78,20 @@ def positives(request, monkeypatch):
 
 def test_fullgraph_aot_eager(positives):
     _compiled_matches_eager("aot_eager")
+
+
+def test_constant_result_marks_a_function_as_torch_does():
+    """rmi_fast.tracing sets the attribute of torch.compiler.assume_constant_result without importing the compiler;
+    with a torch that marks functions otherwise this fails here (and the fullgraph tests break on the dispatch)."""
+    def public():
+        return "a"
+
+    def ours():
+        return "a"
+
+    assert torch.compiler.assume_constant_result(public) is public
+    assert tracing.constant_result(ours) is ours
+    assert vars(ours) == vars(public) == {tracing.CONSTANT_RESULT_MARK: True}
 
 
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])

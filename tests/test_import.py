@@ -1,4 +1,5 @@
-"""Importing rmi_fast is cheap and safe: no GPU initialisation, no triton import, no need for the compiled module."""
+"""Importing rmi_fast is cheap and safe: no GPU initialisation, no triton or torch compiler import, no need for the
+compiled module."""
 from __future__ import annotations
 
 import subprocess
@@ -21,6 +22,18 @@ def test_import_initialises_no_gpu_and_loads_no_gpu_backend():
         print(torch.cuda.is_initialized(), "rmi_fast.triton" in sys.modules)
     """)
     assert out == "False False"
+
+
+def test_import_leaves_the_compiler_unloaded():
+    """torch._dynamo costs about 2 s to import; rmi_fast loads it only when the user compiles."""
+    out = _run("""
+        import sys, torch
+        import rmi_fast as rf
+        x = torch.randn(6, 3, requires_grad=True)
+        rf.mi_bound(x, x, "dv").backward()
+        print("torch._dynamo" in sys.modules)
+    """)
+    assert out == "False"
 
 
 def test_works_without_the_compiled_module():
