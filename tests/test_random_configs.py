@@ -6,11 +6,12 @@ diagonal mode, a learnable scale, and a score range over three orders of magnitu
 of magnitude, so that row tiles see very different maxima: a running reference that rises by more than fp32's exp
 range between tiles is exercised, which hand-picked cases with scores of a few units never reach.
 
-The criterion is the issue's for low precision, applied to every dtype: the error against the fp64 oracle (largest
-absolute difference over the largest reference entry) is at most 4× that of the same formula in eager PyTorch in the
-input dtype, plus a floor: the dtype's resolution of the result, and fp32's resolution of the largest score, since a
-kernel that recomputes the scores in its backward (in another tile order than its forward) sees them differently
-rounded there, where eager reuses one rounded matrix. A failure names its configuration, which reproduces it alone.
+The criterion is the one the GPU tests hold low precision to, here for every dtype: the error against the fp64
+oracle (largest absolute difference over the largest reference entry) is at most 4× that of the same formula in eager
+PyTorch in the input dtype, plus a floor: the dtype's resolution of the result, and fp32's resolution of the largest
+score, since a kernel that recomputes the scores in its backward (in another tile order than its forward) sees them
+differently rounded there, where eager reuses one rounded matrix. A failure names its configuration, which
+reproduces it alone.
 """
 from __future__ import annotations
 
@@ -112,11 +113,17 @@ def _check(cfg: dict, backend: str) -> None:
         assert _error(got, ref) <= allowed, f"{name}: error {_error(got, ref):.3g} > {allowed:.3g}"
 
 
-def _check_draws(backend: str, seed: int, cases: int, max_B: int = 10**9, max_G: int = 10**9) -> None:
+def _draws(backend: str, seed: int, cases: int, max_B: int = 10**9, max_G: int = 10**9):
+    """The configurations of one seed, B and G capped."""
     rng = random.Random(f"{backend}-{seed}")
     for _ in range(cases):
         cfg = _draw(rng)
         cfg.update(B=min(cfg["B"], max_B), G=min(cfg["G"], max_G))
+        yield cfg
+
+
+def _check_draws(backend: str, *args) -> None:
+    for cfg in _draws(backend, *args):
         try:
             _check(cfg, backend)
         except AssertionError as exc:
@@ -139,8 +146,8 @@ def test_random_configurations_triton(seed):
 def test_the_draw_covers_the_options():
     """The seeds above draw every bound, dtype, reduction, diagonal mode and broadcast side, several row tiles and
     scales beyond ±20 (a test of the draw, so that a narrowed generator cannot pass silently)."""
-    draws = [_draw(rng) for b in CPU_BACKENDS for s in range(SEEDS)
-             for rng in [random.Random(f"{b}-{s}")] for _ in range(CASES_PER_SEED)]
+    draws = [cfg for backend in CPU_BACKENDS for seed in range(SEEDS)
+             for cfg in _draws(backend, seed, CASES_PER_SEED)]
     for key in ("bound", "dtype", "reduction", "diagonal", "sides", "strided", "learn_scale"):
         assert len({d[key] for d in draws}) >= 2, key
     assert {d["bound"] for d in draws} == set(BOUNDS)
