@@ -15,8 +15,8 @@
 //        each such block of B (NN_KC × NN_NV·W floats, 32 KiB with AVX-512) is first copied contiguous (pack_block),
 //        so that it stays in L1 for all of A's rows. tn also packs A (see gemm_tn).
 #include <algorithm>
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 namespace rmi_fast::cpu::RMI_VEC_ISA {
 namespace {
@@ -35,6 +35,20 @@ constexpr int64_t NN_KC = 128;                              // reduction block: 
 
 // Rows per block for a column block of nv vectors: about kAccumulators accumulators.
 constexpr int rows_for(int nv) { return std::max(1, kAccumulators / nv); }
+
+// Per-thread scratch for packed operands, slot by slot, kept between calls and never zeroed: packing writes every
+// element the kernels then read. A fresh zeroed buffer per call cost a memset and, from about 128 KiB on (tn's packed
+// B at D = 2048 is 1 MiB), fresh pages from the system each call.
+template <int Slot>
+float* scratch(size_t n) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local size_t size = 0;
+  if (n > size) {
+    buffer.reset(new float[n]);
+    size = n;
+  }
+  return buffer.get();
+}
 
 // Calls f(std::integral_constant<int, n>) for a runtime n in [1, N].
 template <int N, class F>
@@ -217,13 +231,13 @@ inline void pack_block(const float* B, int64_t ldb, int64_t kc, float* out) {
 
 void gemm_nn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m, int64_t n, int64_t k, float* C,
              int64_t ldc, bool accumulate) {
-  std::vector<float> block(NN_KC * NN_NV * W);
+  float* block = scratch<0>(NN_KC * NN_NV * W);
   for (int64_t s0 = 0; s0 < k; s0 += NN_KC) {
     const int64_t kc = std::min(NN_KC, k - s0);
     for_column_blocks(n, [&](int64_t v0, auto nv) {
       constexpr int NV = decltype(nv)::value;
-      pack_block<NV>(B + s0 * ldb + v0 * W, ldb, kc, block.data());
-      nn_columns<rows_for(NV), NV>(A + s0, lda, lda, 1, block.data(), NV * W, m, kc, C + v0 * W, ldc,
+      pack_block<NV>(B + s0 * ldb + v0 * W, ldb, kc, block);
+      nn_columns<rows_for(NV), NV>(A + s0, lda, lda, 1, block, NV * W, m, kc, C + v0 * W, ldc,
                                    accumulate || s0 > 0);
     });
   }
@@ -239,16 +253,17 @@ void gemm_tn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m
              int64_t ldc) {
   // B (k × n) packed once, column block after column block (see pack_block): the block at vector column v0 starts
   // at v0·W·k, its rows NV·W floats long.
-  std::vector<float> buf(TN_STRIP * k), packed(k * n);
+  float* buf = scratch<1>(TN_STRIP * k);
+  float* packed = scratch<2>(k * n);
   for_column_blocks(n, [&](int64_t v0, auto nv) {
     constexpr int NV = decltype(nv)::value;
-    pack_block<NV>(B + v0 * W, ldb, k, packed.data() + v0 * W * k);
+    pack_block<NV>(B + v0 * W, ldb, k, packed + v0 * W * k);
   });
   for (int64_t j0 = 0; j0 < m; j0 += TN_STRIP) {
     const int64_t cols = std::min(TN_STRIP, m - j0);
     for (int64_t s = 0; s < k; ++s) {
       const float* row = A + s * lda + j0;
-      float* dst = buf.data() + s * NN_MR;
+      float* dst = buf + s * NN_MR;
       for (int64_t c0 = 0; c0 < cols; c0 += NN_MR, dst += k * NN_MR)
         std::copy_n(row + c0, std::min<int64_t>(NN_MR, cols - c0), dst);
     }
@@ -256,7 +271,7 @@ void gemm_tn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m
       const int64_t kc = std::min(NN_KC, k - s0);
       for_column_blocks(n, [&](int64_t v0, auto nv) {
         constexpr int NV = decltype(nv)::value;
-        nn_columns<NN_MR, NV>(buf.data() + s0 * NN_MR, k, 1, NN_MR, packed.data() + v0 * W * k + s0 * NV * W,
+        nn_columns<NN_MR, NV>(buf + s0 * NN_MR, k, 1, NN_MR, packed + v0 * W * k + s0 * NV * W,
                               NV * W, cols, kc, C + j0 * ldc + v0 * W, ldc, true);
       });
     }
