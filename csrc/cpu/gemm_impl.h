@@ -38,7 +38,8 @@ constexpr int rows_for(int nv) { return std::max(1, kAccumulators / nv); }
 
 // Per-thread scratch for packed operands, slot by slot, kept between calls and never zeroed: packing writes every
 // element the kernels then read. A fresh zeroed buffer per call cost a memset and, from about 128 KiB on (tn's packed
-// B at D = 2048 is 1 MiB), fresh pages from the system each call.
+// B at D = 2048 is 1 MiB), fresh pages from the system each call. What a thread keeps is the largest call's: about one
+// row tile × D floats.
 template <int Slot>
 float* scratch(size_t n) {
   thread_local std::unique_ptr<float[]> buffer;
