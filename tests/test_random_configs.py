@@ -29,7 +29,7 @@ from conftest import CPU_BACKENDS
 
 BOUNDS = ["infonce", "nwj", "dv", "smile", "jsd"]
 SEEDS, CASES_PER_SEED = 8, 24
-#: Triton's CPU interpreter takes about a second a case at B ≤ 64: fewer and smaller draws.
+#: Triton's CPU interpreter takes about a second a case at B ≤ 64: fewer and smaller draws (also on a GPU).
 TRITON_SEEDS, TRITON_CASES, TRITON_MAX_B, TRITON_MAX_G = 3, 6, 64, 3
 #: The relative error that rounding the result to the dtype alone may cause.
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -58,17 +58,19 @@ def _operand(cfg: dict, grouped: bool, g: torch.Generator) -> torch.Tensor:
     return t.to(cfg["dtype"]).double()
 
 
-def _run(cfg: dict, x64: torch.Tensor, y64: torch.Tensor, scale: float, weights: torch.Tensor, dtype, backend=None):
-    """(value, dx, dy, dscale) of the bound: the oracle formula in ``dtype`` when backend is None, else rmi_fast."""
-    x = x64.to(dtype)
-    y = y64.to(dtype)
+def _run(cfg: dict, x64: torch.Tensor, y64: torch.Tensor, scale: float, weights: torch.Tensor, dtype, backend=None,
+         device="cpu"):
+    """(value, dx, dy, dscale) on the CPU, of the bound: the oracle formula in ``dtype`` when backend is None, else
+    rmi_fast's on ``device``."""
+    x = x64.to(device, dtype)
+    y = y64.to(device, dtype)
     if cfg["strided"] and backend is not None:  # every other column of a buffer twice as wide
         x = torch.stack([x, torch.zeros_like(x)], -1).flatten(-2)[..., ::2]
         y = torch.stack([y, torch.zeros_like(y)], -1).flatten(-2)[..., ::2]
     x.requires_grad_()
     y.requires_grad_()
     stat = torch.float64 if dtype == torch.float64 else torch.float32
-    s = torch.tensor(scale, dtype=stat, requires_grad=True)
+    s = torch.tensor(scale, dtype=stat, device=device, requires_grad=True)
     bound, reduction = cfg["bound"], cfg["reduction"]
     if backend is None:
         kw = {} if bound == "infonce" else {"diagonal": cfg["diagonal"]}
@@ -82,17 +84,17 @@ def _run(cfg: dict, x64: torch.Tensor, y64: torch.Tensor, scale: float, weights:
         value = rf.mi_bound(x, y, bound, scale=s if cfg["learn_scale"] else scale, reduction=reduction,
                             backend=backend, diagonal="exclude" if bound == "infonce" else cfg["diagonal"],
                             clip=cfg["clip"])
-    out = (value * weights.to(value.dtype)).sum() if reduction == "none" else value
+    out = (value * weights.to(device, value.dtype)).sum() if reduction == "none" else value
     wrt = (x, y, s) if backend is None or cfg["learn_scale"] else (x, y)
     grads = torch.autograd.grad(out, wrt)
-    return (value.detach(),) + tuple(grads)
+    return tuple(t.detach().cpu() for t in (value, *grads))
 
 
 def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _check(cfg: dict, backend: str) -> None:
+def _check(cfg: dict, backend: str, device: str = "cpu") -> None:
     g = torch.Generator().manual_seed(cfg["seed"])
     x64 = _operand(cfg, cfg["sides"] in ("x", "both"), g)
     y64 = _operand(cfg, cfg["sides"] in ("y", "both"), g)
@@ -104,7 +106,7 @@ def _check(cfg: dict, backend: str) -> None:
     weights = torch.randn(terms_shape, generator=g, dtype=torch.float64)
     oracle = _run(cfg, x64, y64, scale, weights, torch.float64)
     eager = _run(cfg, x64, y64, scale, weights, cfg["dtype"])
-    ours = _run(cfg, x64, y64, scale, weights, cfg["dtype"], backend)
+    ours = _run(cfg, x64, y64, scale, weights, cfg["dtype"], backend, device)
     floor = FLOOR[cfg["dtype"]] + torch.finfo(torch.float32).eps * R.scores(x64, y64, scale).abs().max().item()
     names = ["value", "dx", "dy", "dscale"]
     for name, got, ref, base in zip(names, ours, oracle, eager):
@@ -122,10 +124,10 @@ def _draws(backend: str, seed: int, cases: int, max_B: int = 10**9, max_G: int =
         yield cfg
 
 
-def _check_draws(backend: str, *args) -> None:
+def _check_draws(backend: str, *args, device: str = "cpu") -> None:
     for cfg in _draws(backend, *args):
         try:
-            _check(cfg, backend)
+            _check(cfg, backend, device)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nconfiguration: {cfg}") from None
 
@@ -140,7 +142,9 @@ def test_random_configurations(backend, seed):
                     reason=f"triton backend unavailable: {backends.get('triton').unavailable()}")
 @pytest.mark.parametrize("seed", range(TRITON_SEEDS))
 def test_random_configurations_triton(seed):
-    _check_draws("triton", seed, TRITON_CASES, TRITON_MAX_B, TRITON_MAX_G)
+    """On a GPU where there is one, else under the interpreter (tests/conftest.py)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_draws("triton", seed, TRITON_CASES, TRITON_MAX_B, TRITON_MAX_G, device=device)
 
 
 def test_the_draw_covers_the_options():
