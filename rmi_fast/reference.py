@@ -180,11 +180,12 @@ def _eager_scores(x, y, scale):
 
 
 def pair_stats(x, y, scale, spec: PairSpec) -> list[torch.Tensor]:
-    S = _eager_scores(x, y, scale)
-    return _stats_of(_transformed(S, spec, _diagonal_mask(spec, x.shape[1], y.shape[1], S.device)), spec)
+    return _stats_of(_eager_scores(x, y, scale), spec)
 
 
-def _stats_of(T: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
+def _stats_of(S: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
+    """The statistics of the scores S (G, Bx, By): transformed, diagonal handled, reduced."""
+    T = _transformed(S, spec, _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device))
     if spec.family == "row_lse":
         stats = [torch.logsumexp(T, dim=-1)]
         if spec.columns:
@@ -233,7 +234,7 @@ def pair_stats_and_grads(x, y, scale, spec: PairSpec, want):
     xc, yc = x.to(ct), y.to(ct)
     raw = torch.matmul(xc, yc.transpose(-1, -2))
     S = scale.to(ct) * raw
-    stats = _stats_of(_transformed(S, spec, _diagonal_mask(spec, x.shape[1], y.shape[1], S.device)), spec)
+    stats = _stats_of(S, spec)
     ones = [torch.ones_like(t) for t in stats]
     return (stats, *_grads_of_scores(x, y, xc, yc, raw, S, scale, spec, stats, ones, want))
 
