@@ -15,6 +15,7 @@
 //        each such block of B (NN_KC × NN_NV·W floats, 32 KiB with AVX-512) is first copied contiguous (pack_block),
 //        so that it stays in L1 for all of A's rows. tn also packs A (see gemm_tn).
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 
@@ -265,8 +266,11 @@ void gemm_tn(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t m
     for (int64_t s = 0; s < k; ++s) {
       const float* row = A + s * lda + j0;
       float* dst = buf + s * NN_MR;
-      for (int64_t c0 = 0; c0 < cols; c0 += NN_MR, dst += k * NN_MR)
-        std::copy_n(row + c0, std::min<int64_t>(NN_MR, cols - c0), dst);
+      // Whole blocks as a memcpy of constant length, which compiles to a few moves; std::copy_n (memmove) stays a
+      // library call per block of 6 floats, which was 6% of a fused sweep at B = 8192, D = 128 (AVX2).
+      int64_t c0 = 0;
+      for (; c0 + NN_MR <= cols; c0 += NN_MR, dst += k * NN_MR) std::memcpy(dst, row + c0, NN_MR * sizeof(float));
+      if (c0 < cols) std::copy_n(row + c0, cols - c0, dst);
     }
     for (int64_t s0 = 0; s0 < k; s0 += NN_KC) {
       const int64_t kc = std::min(NN_KC, k - s0);
