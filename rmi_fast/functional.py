@@ -10,6 +10,7 @@ against the rows of every data-parallel rank (:mod:`rmi_fast.distributed`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -217,8 +218,52 @@ def _world_size(gather) -> int:
     return distributed.process_group(gather)[2] if gather else 1
 
 
+# ------------------------------------------------------------------------------------------------------- autocast
+
+#: Device types whose torch.autocast the public functions follow.
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _follows_autocast(*names: str):
+    """A public function under torch.autocast behaves as its eager formula, whose scores are a matmul, would there:
+    the embeddings named ``names`` (fp32/fp16/bf16; fp64 stays, as autocast leaves it) are cast to the autocast dtype
+    of their device type, so mixed inputs (bf16 features against fp32 class embeddings) run in it. The function itself
+    then runs with autocast off, so that its statistics stay fp32 on every backend: autocast would otherwise round
+    the ``torch`` backend's score matrix, and the eager parts' products, to its dtype."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            active = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+            if not active:
+                return fn(*args, **kwargs)
+            call = signature.bind(*args, **kwargs)
+            for name in names:
+                t = call.arguments.get(name)
+                if isinstance(t, torch.Tensor) and t.device.type in active and t.dtype in _AUTOCAST_CASTS:
+                    call.arguments[name] = t.to(torch.get_autocast_dtype(t.device.type))
+            return _without_autocast(active, fn, *call.args, **call.kwargs)
+
+        return run
+
+    return wrap
+
+
+def _without_autocast(device_types: list[str], fn, *args, **kwargs):
+    """fn(*args, **kwargs) with autocast off for each of ``device_types`` (nested contexts, which torch.compile
+    traces, where an ExitStack of them it does not)."""
+    if not device_types:
+        return fn(*args, **kwargs)
+    with torch.autocast(device_types[0], enabled=False):
+        return _without_autocast(device_types[1:], fn, *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------- MI bounds
 
+@_follows_autocast("x", "y")
 def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=1.0, reduction: str = "mean",
              backend: str = "auto", clip: float = 5.0, diagonal: str = "exclude", mine_ema=None,
              deterministic: bool = False, gather=False) -> torch.Tensor:
@@ -226,7 +271,8 @@ def mi_bound(x: torch.Tensor, y: torch.Tensor, bound: str = "infonce", *, scale=
 
     Args:
         x, y: (B, D) or (G, B, D); a 2-D operand is broadcast over the other's G groups. fp32/bf16/fp16 give fp32,
-            fp64 gives fp64. Positive pairs are (x_i, y_i).
+            fp64 gives fp64; under torch.autocast, fp32/bf16/fp16 run in its dtype, as torch.matmul would. Positive
+            pairs are (x_i, y_i).
         bound: "infonce" | "nwj" | "dv" | "smile" | "jsd" | "mine" (design §1).
         scale: float or 0-d tensor (gets a gradient when it requires one: a learnable temperature).
         reduction: "mean" → 0-d; "sum" → 0-d; "none" → the per-anchor terms t of shape (B,) or (G, B).
@@ -345,6 +391,7 @@ class MINE:
         """The moving average of mean_{k≠l} exp S_kl (None before the first batch)."""
         return None if self.log_ema is None else self.log_ema.exp()
 
+    @_follows_autocast("x", "y")
     def __call__(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         _check_mine_options(kwargs)
         o = {**_MINE_OPTIONS, **self.bound_kwargs, **kwargs}
@@ -393,6 +440,7 @@ def _smoothed_cross_entropy(lse: torch.Tensor, pos: torch.Tensor, anchors: torch
     return lse - (1.0 - smoothing) * pos - smoothing * mean_scores
 
 
+@_follows_autocast("za", "zb")
 def infonce_loss(za: torch.Tensor, zb: torch.Tensor, *, temperature: float | None = None, logit_scale=None,
                  targets: torch.Tensor | None = None, normalize: bool = False, detach_keys: bool = False,
                  label_smoothing: float = 0.0, symmetric: bool = False, reduction: str = "mean",
@@ -486,6 +534,7 @@ def _class_sums(keys: torch.Tensor, labels: torch.Tensor, deterministic: bool = 
             keys.new_empty(R).index_copy(0, order, sorted_counts))
 
 
+@_follows_autocast("z")
 def nt_xent_loss(z: torch.Tensor, *, n_views: int | None = None, temperature: float = 0.5, normalize: bool = True,
                  layout: str | None = None, labels: torch.Tensor | None = None, detach_keys: bool = False,
                  reduction: str = "mean", backend: str = "auto", deterministic: bool = False,
