@@ -45,9 +45,19 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_untransformed(name: str, t: torch.Tensor) -> None:
+    """The kernels' autograd is first order and has no batching rule, so torch.func's transforms cannot pass it: say
+    so by name, where torch would ask for an autograd.Function rewritten for them."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise TypeError(f"{name} is a tensor inside a torch.func transform (vmap, grad, jacrev, ...), which rmi_fast's "
+                        "kernels do not support: take gradients with torch.autograd.grad or .backward(), and batch "
+                        "independent problems as (G, B, D) groups instead of vmap")
+
+
 def _check_embeddings(name: str, t, ndims=(2, 3)) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_untransformed(name, t)
     if t.layout != torch.strided or t.is_nested:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}"
                         f"{' (nested)' if t.is_nested else ''}")
@@ -91,6 +101,7 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
 
 def _scalar_tensor(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A 0-d floating-point tensor on the inputs' device, in the statistics' dtype (autograd link kept)."""
+    _check_untransformed(name, t)
     if t.dim() != 0 or not t.is_floating_point():
         raise ValueError(f"{name} must be a float or a 0-d floating-point tensor, got {t.dtype} of shape "
                          f"{tuple(t.shape)}")

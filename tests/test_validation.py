@@ -61,6 +61,11 @@ y = torch.randn(8, 4)
     (lambda: rf.infonce_loss(x, y, symmetric="no"), TypeError, "symmetric must be True or False"),
     (lambda: rf.nt_xent_loss(torch.randn(8, 4), temperature=1e-300), ValueError, "1/temperature overflows"),
     (lambda: rf.nt_xent_loss(torch.randn(8, 4), normalize="no"), TypeError, "normalize must be True or False"),
+    (lambda: torch.func.grad(lambda q: rf.mi_bound(q, y, "dv"))(x), TypeError, "x is a tensor inside a torch.func"),
+    (lambda: torch.func.grad(lambda q: rf.infonce_loss(x, q))(y), TypeError, "zb is a tensor inside a torch.func"),
+    (lambda: torch.func.vmap(rf.nt_xent_loss)(torch.randn(3, 8, 4)), TypeError, "z is a tensor inside a torch.func"),
+    (lambda: torch.func.grad(lambda s: rf.mi_bound(x, y, scale=s))(torch.tensor(1.0)), TypeError,
+     "scale is a tensor inside a torch.func"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error) as info:
