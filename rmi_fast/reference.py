@@ -5,7 +5,9 @@ gradients by autograd. It is deliberately naive and shares no code with the kern
 run it in fp64 for an oracle.
 
 Part 2 is the ``torch`` backend's implementation of the kernel contract of :mod:`rmi_fast.ops.spec` (statistics and
-closed-form gradients of the negative part). It materialises one B×B score matrix per group: the eager baseline.
+closed-form gradients of the negative part). It materialises the B×B score matrix of each group: the eager
+baseline, kept as lean as eager PyTorch allows: the scores, the transform and the gradient matrix are computed in
+place where autograd does not record, since each fresh B×B allocation costs a CPU about as much as a pass over it.
 """
 from __future__ import annotations
 
@@ -164,28 +166,42 @@ def _transformed(S: torch.Tensor, spec: PairSpec, mask) -> torch.Tensor:
     if spec.transform == "clip":
         T = S.clamp(-spec.clip, spec.clip)
     elif spec.transform == "exp_m1":
-        T = torch.exp(S - 1.0)
+        T = (S - 1.0).exp_()
     elif spec.transform == "softplus":
         T = F.softplus(S)
     else:
         T = S
-    if mask is not None and spec.diagonal == "exclude":
-        T = T.masked_fill(mask, -math.inf if spec.family != "row_sum" else 0.0)
+    if mask is not None and spec.diagonal == "exclude":  # in place on a tensor of the transform's own, never on S
+        fill = -math.inf if spec.family != "row_sum" else 0.0
+        T = T.masked_fill(mask, fill) if T is S or _recorded(T) else T.masked_fill_(mask, fill)
     return T
 
 
-def _eager_scores(x, y, scale):
+def _recorded(t: torch.Tensor) -> bool:
+    """Whether autograd records ops on t, which an in-place op could then invalidate (tests differentiate
+    pair_stats; inside the custom op nothing is recorded)."""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def _scores(x, y, scale, keep_raw: bool):
+    """(xc, yc, raw, S): the inputs in the statistics' dtype, raw = x·yᵀ (only when ``keep_raw``: d scale needs it)
+    and S = scale·raw, written over raw otherwise. Each B×B matrix is a fresh allocation, which on a CPU costs a page
+    fault per 4 KiB on first touch, about as much as a pass over it: Part 2 allocates as few as it can."""
     ct = compute_dtype(x.dtype)
-    return scale.to(ct) * torch.matmul(x.to(ct), y.to(ct).transpose(-1, -2))
+    xc, yc = x.to(ct), y.to(ct)
+    raw = torch.matmul(xc, yc.transpose(-1, -2))
+    sc = scale.to(ct)
+    S = raw * sc if keep_raw or _recorded(raw) or _recorded(sc) else raw.mul_(sc)
+    return xc, yc, (raw if keep_raw else None), S
 
 
 def pair_stats(x, y, scale, spec: PairSpec) -> list[torch.Tensor]:
-    return _stats_of(_eager_scores(x, y, scale), spec)
+    S = _scores(x, y, scale, keep_raw=False)[3]
+    return _stats_of(_transformed(S, spec, _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device)), spec)
 
 
-def _stats_of(S: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
-    """The statistics of the scores S (G, Bx, By): transformed, diagonal handled, reduced."""
-    T = _transformed(S, spec, _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device))
+def _stats_of(T: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
+    """The statistics of T = transform(S) (G, Bx, By), diagonal handled (see _transformed): reduced."""
     if spec.family == "row_lse":
         stats = [torch.logsumexp(T, dim=-1)]
         if spec.columns:
@@ -196,62 +212,71 @@ def _stats_of(S: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
     return [T.sum(-1)]
 
 
-def pair_grad_matrix(S, spec: PairSpec, stats, weights) -> torch.Tensor:
-    """G_ij = Σ_stat weight · dStat/dS_ij, the closed forms of the table in rmi_fast.ops.spec."""
+def pair_grad_matrix(S, spec: PairSpec, stats, weights, T=None) -> torch.Tensor:
+    """G_ij = Σ_stat weight · dStat/dS_ij, the closed forms of the table in rmi_fast.ops.spec. T: transform(S) as
+    _transformed gives it, when the caller has it and needs it no more (it may be overwritten); else computed."""
     mask = _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device)
-    T = _transformed(S, spec, mask)
+    if spec.transform == "softplus":  # softplus' = sigmoid, of S itself
+        G = torch.sigmoid(S).mul_(weights[0].unsqueeze(-1))
+        if mask is not None:  # an excluded or zeroed entry does not depend on x or y
+            G.masked_fill_(mask, 0.0)
+        return G
+    if T is None:
+        T = _transformed(S, spec, mask)
     if spec.family == "row_lse":
-        G = weights[0].unsqueeze(-1) * torch.exp(T - stats[0].unsqueeze(-1))
+        G = (T - stats[0].unsqueeze(-1)).exp_().mul_(weights[0].unsqueeze(-1))
         if spec.columns:
-            G = G + weights[1].unsqueeze(-2) * torch.exp(T - stats[1].unsqueeze(-2))
+            G.add_((T - stats[1].unsqueeze(-2)).exp_().mul_(weights[1].unsqueeze(-2)))
     elif spec.family == "global_lse":
-        G = weights[0][:, None, None] * torch.exp(T - stats[0][:, None, None])
+        G = (T - stats[0][:, None, None]).exp_().mul_(weights[0][:, None, None])
         if spec.transform == "clip":
-            G = G * (S.abs() < spec.clip)
-    elif spec.transform == "exp_m1":
-        G = weights[0].unsqueeze(-1) * T
-    else:  # softplus' = sigmoid
-        G = weights[0].unsqueeze(-1) * torch.sigmoid(S)
-        if mask is not None and spec.diagonal == "exclude":
-            G = G.masked_fill(mask, 0.0)
+            G.masked_fill_((S >= spec.clip) | (S <= -spec.clip), 0.0)
+    else:  # exp_m1: T' = T, a tensor of the transform's own
+        G = T.mul_(weights[0].unsqueeze(-1))
     if mask is not None and spec.diagonal == "zero":
-        G = G.masked_fill(mask, 0.0)
+        G.masked_fill_(mask, 0.0)
     return G
 
 
 def pair_grads(x, y, scale, spec: PairSpec, stats, weights, want):
     """(dx, dy, dscale) for the upstream weights of each statistic; None where ``want`` is False."""
-    ct = compute_dtype(x.dtype)
-    xc, yc = x.to(ct), y.to(ct)
-    raw = torch.matmul(xc, yc.transpose(-1, -2))
-    return _grads_of_scores(x, y, xc, yc, raw, scale.to(ct) * raw, scale, spec, stats, weights, want)
+    xc, yc, raw, S = _scores(x, y, scale, keep_raw=want[2])
+    G = pair_grad_matrix(S, spec, stats, [w.to(S.dtype) for w in weights])
+    return _grads_of(x, y, xc, yc, raw, G, scale, want)
 
 
 def pair_stats_and_grads(x, y, scale, spec: PairSpec, want):
     """The statistics and their gradients for unit upstream weights from one score matrix: three matrix products,
     where the statistics and then pair_grads take four."""
-    ct = compute_dtype(x.dtype)
-    xc, yc = x.to(ct), y.to(ct)
-    raw = torch.matmul(xc, yc.transpose(-1, -2))
-    S = scale.to(ct) * raw
-    stats = _stats_of(S, spec)
-    ones = [torch.ones_like(t) for t in stats]
-    return (stats, *_grads_of_scores(x, y, xc, yc, raw, S, scale, spec, stats, ones, want))
+    xc, yc, raw, S = _scores(x, y, scale, keep_raw=want[2])
+    T = _transformed(S, spec, _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device))
+    stats = _stats_of(T, spec)
+    G = pair_grad_matrix(S, spec, stats, [torch.ones_like(t) for t in stats], T)
+    return (stats, *_grads_of(x, y, xc, yc, raw, G, scale, want))
 
 
-def _grads_of_scores(x, y, xc, yc, raw, S, scale, spec: PairSpec, stats, weights, want):
-    """pair_grads given the inputs in the statistics' dtype (xc, yc), their products raw = x·yᵀ and S = scale·raw."""
-    ct = raw.dtype
-    sc = scale.to(ct)
-    G = pair_grad_matrix(S, spec, stats, [w.to(ct) for w in weights])
+def _grads_of(x, y, xc, yc, raw, G, scale, want):
+    """(dx, dy, dscale) from the gradient matrix G, the inputs in the statistics' dtype (xc, yc) and raw = x·yᵀ."""
+    sc = scale.to(G.dtype)
     dx = dy = dscale = None
     if want[0]:
-        dx = (sc * torch.matmul(G, yc)).sum(0, keepdim=True) if x.shape[0] == 1 else sc * torch.matmul(G, yc)
-        dx = dx.to(x.dtype)
+        dx = _scaled_product(G, yc, sc, x.shape[0] == 1).to(x.dtype)
     if want[1]:
-        GT = G.transpose(-1, -2)
-        dy = (sc * torch.matmul(GT, xc)).sum(0, keepdim=True) if y.shape[0] == 1 else sc * torch.matmul(GT, xc)
-        dy = dy.to(y.dtype)
+        dy = _scaled_product(G.transpose(-1, -2), xc, sc, y.shape[0] == 1).to(y.dtype)
     if want[2]:
         dscale = (G * raw).sum().to(scale.dtype)
     return dx, dy, dscale
+
+
+def _scaled_product(M: torch.Tensor, other: torch.Tensor, sc: torch.Tensor, broadcast: bool) -> torch.Tensor:
+    """sc · M @ other for M (G, R, C) and other (Go, C, D), Go ∈ {1, G}: → (G, R, D), or, for an operand broadcast
+    over the groups, its gradient Σ_g sc · M_g @ other_g → (1, R, D). The scale goes on the smaller side, and the
+    broadcast sum is one GEMM over the (g, c) pairs, (R, G·C) @ (G·C, D): at the paper's critic shape (G = 64,
+    B = 128, D = 2048) a batched product would write a (G, B, D) tensor, 64 MiB, only to sum it."""
+    G, R, C = M.shape
+    if broadcast:
+        if G == 1:
+            return torch.matmul(M[0], other[0] * sc).unsqueeze(0)
+        product = torch.matmul(M.transpose(0, 1).reshape(R, G * C), other.reshape(G * C, -1))
+        return (product * sc).unsqueeze(0)
+    return torch.matmul(M, other * sc)
