@@ -52,3 +52,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_ranks_together() -> None:
+    """A worker's last step when its checks passed: a barrier, so that no rank destroys its gloo group while a peer
+    still exchanges with it (gloo's teardown otherwise aborts a rank now and then, with SIGABRT)."""
+    torch.distributed.barrier()

@@ -21,6 +21,8 @@ import torch.multiprocessing as mp
 
 import rmi_fast as rf
 
+from conftest import end_ranks_together
+
 B, D, G = 5, 6, 3  # rows per rank, features, groups
 
 
@@ -143,6 +145,7 @@ def _worker(rank, world, port, names):
             assert "same shape on every rank" in str(exc)
         else:
             raise AssertionError("mismatched local batches were not reported")
+        end_ranks_together()
     finally:
         dist.destroy_process_group()
 

@@ -22,6 +22,8 @@ from rmi_fast.robust.models import EncoderConfig
 from rmi_fast.robust.training import EncoderTrainConfig, train_encoder
 from rmi_fast.robust.worst_case import AttackConfig, MIConfig, worst_case_batch
 
+from conftest import end_ranks_together
+
 WORLD = 2
 ENC = EncoderConfig(in_channels=1, image_size=8, conv_channels=(4, 8), hidden=16, dim=8)
 CRIT = CriticConfig(in_channels=1, image_size=8, rep_dim=8, conv_channels=(4,), width=16)
@@ -70,6 +72,7 @@ def _train_worker(rank, port, ckpt, reference):
         x_adv = worst_case_batch(run.encoder, run.critic, shard, config.attack, config.mi, gather=True)
         torch.testing.assert_close(x_adv, ref["attack"][rank * 8:(rank + 1) * 8], rtol=0, atol=1e-6)
         assert (x_adv - shard).abs().max() > 0.05  # it moved
+        end_ranks_together()
     finally:
         dist.destroy_process_group()
 
@@ -79,6 +82,7 @@ def _indivisible_worker(rank, port):
     try:
         with pytest.raises(ValueError, match="does not split evenly over 2 data-parallel ranks"):
             train_encoder(_config(batch_size=15), _images())
+        end_ranks_together()
     finally:
         dist.destroy_process_group()
 
