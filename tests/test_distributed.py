@@ -17,11 +17,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import rmi_fast as rf
 
-from conftest import end_ranks_together
+from conftest import spawn_ranks
 
 B, D, G = 5, 6, 3  # rows per rank, features, groups
 
@@ -145,7 +144,6 @@ def _worker(rank, world, port, names):
             assert "same shape on every rank" in str(exc)
         else:
             raise AssertionError("mismatched local batches were not reported")
-        end_ranks_together()
     finally:
         dist.destroy_process_group()
 
@@ -154,7 +152,7 @@ def _worker(rank, world, port, names):
     (2, list(CASES)),
     (3, ["infonce", "infonce_symmetric_smoothed", "nt_xent", "supcon", "dv", "jsd"]),  # fewer: 3 processes, 2 cores
 ])
-def test_gather_matches_the_whole_batch(world, names, free_port):
+def test_gather_matches_the_whole_batch(world, names):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(world, free_port, names), nprocs=world, join=True)
+    spawn_ranks(_worker, world, lambda port: (world, port, names))

@@ -14,7 +14,6 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rmi_fast.robust.critics import CriticConfig
 from rmi_fast.robust.data import load_dataset
@@ -22,7 +21,7 @@ from rmi_fast.robust.models import EncoderConfig
 from rmi_fast.robust.training import EncoderTrainConfig, train_encoder
 from rmi_fast.robust.worst_case import AttackConfig, MIConfig, worst_case_batch
 
-from conftest import end_ranks_together
+from conftest import spawn_ranks
 
 WORLD = 2
 ENC = EncoderConfig(in_channels=1, image_size=8, conv_channels=(4, 8), hidden=16, dim=8)
@@ -72,7 +71,6 @@ def _train_worker(rank, port, ckpt, reference):
         x_adv = worst_case_batch(run.encoder, run.critic, shard, config.attack, config.mi, gather=True)
         torch.testing.assert_close(x_adv, ref["attack"][rank * 8:(rank + 1) * 8], rtol=0, atol=1e-6)
         assert (x_adv - shard).abs().max() > 0.05  # it moved
-        end_ranks_together()
     finally:
         dist.destroy_process_group()
 
@@ -82,7 +80,6 @@ def _indivisible_worker(rank, port):
     try:
         with pytest.raises(ValueError, match="does not split evenly over 2 data-parallel ranks"):
             train_encoder(_config(batch_size=15), _images())
-        end_ranks_together()
     finally:
         dist.destroy_process_group()
 
@@ -98,7 +95,7 @@ def _needs_distributed():
         pytest.skip("torch.distributed is not available")
 
 
-def test_data_parallel_worst_case_training_matches_single_process(tmp_path, free_port):
+def test_data_parallel_worst_case_training_matches_single_process(tmp_path):
     single = train_encoder(_config(), _images())
     assert single.finished and single.step == 3
     untrained = train_encoder(_config(), _images(), stop_after=0)
@@ -107,8 +104,9 @@ def test_data_parallel_worst_case_training_matches_single_process(tmp_path, free
     reference = tmp_path / "reference.pt"
     attack = worst_case_batch(single.encoder, single.critic, _images()[:16], single.config.attack, single.config.mi)
     torch.save({"params": _state(single), "history": single.history, "attack": attack}, reference)
-    mp.spawn(_train_worker, args=(free_port, str(tmp_path / "enc.pt"), str(reference)), nprocs=WORLD, join=True)
+    # a checkpoint per attempt: a retried run must not resume from the one before
+    spawn_ranks(_train_worker, WORLD, lambda port: (port, str(tmp_path / f"enc-{port}.pt"), str(reference)))
 
 
-def test_indivisible_global_batch_is_a_clear_error(free_port):
-    mp.spawn(_indivisible_worker, args=(free_port,), nprocs=WORLD, join=True)
+def test_indivisible_global_batch_is_a_clear_error():
+    spawn_ranks(_indivisible_worker, WORLD, lambda port: (port,))
