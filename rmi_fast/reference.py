@@ -159,8 +159,11 @@ def _diagonal_mask(spec: PairSpec, Bx: int, By: int, device) -> torch.Tensor | N
     return cols[None, :] == (rows[:, None] + spec.diag_offset)
 
 
-def _transformed(S: torch.Tensor, spec: PairSpec, mask) -> torch.Tensor:
-    """T = transform(S) with the diagonal handled; excluded entries are the reduction's identity."""
+def _transformed(S: torch.Tensor, spec: PairSpec, mask=None) -> torch.Tensor:
+    """T = transform(S) with the diagonal handled (``mask``: S's diagonal entries, found here when not given);
+    excluded entries are the reduction's identity."""
+    if mask is None:
+        mask = _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device)
     if mask is not None and spec.diagonal == "zero":
         S = S.masked_fill(mask, 0.0)
     if spec.transform == "clip":
@@ -197,7 +200,7 @@ def _scores(x, y, scale, keep_raw: bool):
 
 def pair_stats(x, y, scale, spec: PairSpec) -> list[torch.Tensor]:
     S = _scores(x, y, scale, keep_raw=False)[3]
-    return _stats_of(_transformed(S, spec, _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device)), spec)
+    return _stats_of(_transformed(S, spec), spec)
 
 
 def _stats_of(T: torch.Tensor, spec: PairSpec) -> list[torch.Tensor]:
@@ -249,7 +252,7 @@ def pair_stats_and_grads(x, y, scale, spec: PairSpec, want):
     """The statistics and their gradients for unit upstream weights from one score matrix: three matrix products,
     where the statistics and then pair_grads take four."""
     xc, yc, raw, S = _scores(x, y, scale, keep_raw=want[2])
-    T = _transformed(S, spec, _diagonal_mask(spec, S.shape[-2], S.shape[-1], S.device))
+    T = _transformed(S, spec)
     stats = _stats_of(T, spec)
     G = pair_grad_matrix(S, spec, stats, [torch.ones_like(t) for t in stats], T)
     return (stats, *_grads_of(x, y, xc, yc, raw, G, scale, want))
