@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rmi_fast.robust.data import DATASETS, Split, load_dataset, read_idx
+from rmi_fast.robust.matfile import read_numeric_arrays
 
 # ----------------------------------------------------------------------------------------------------- digits
 
@@ -207,6 +208,9 @@ class _Evil:
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), "expected 2 labels"),
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}), "labels must lie in [0, 10)"),
     (pickle.dumps({b"data": _Evil(), b"labels": [0]}), "is not allowed"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": None}), "b'labels' must be a list of integers"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1.7, 2.9]}), "got float64 values"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [2**70, 1]}), "got object values"),
 ])
 def test_malformed_cifar_names_the_file(tmp_path, payload, words, capsys):
     _write_cifar(tmp_path, np.random.default_rng(3))
@@ -245,20 +249,103 @@ def test_malformed_svhn_names_the_file(tmp_path):
 
     target = tmp_path / "train_32x32.mat"
     cases = [
-        (lambda: target.write_bytes(b"MATLAB? no"), "not a MATLAB .mat file"),
-        (lambda: scipy.io.savemat(target, {"X": np.zeros((32, 32, 3, 2), np.uint8)}), "expected variables 'X' and 'y'"),
+        (lambda: target.write_bytes(b"MATLAB? no"), "not a MATLAB 5/7 MAT-file"),
+        (lambda: scipy.io.savemat(target, {"X": np.zeros((32, 32, 3, 2), np.uint8)}),
+         "expected numeric variables 'X' and 'y'"),
         (lambda: scipy.io.savemat(target, {"X": np.zeros((32, 32, 1, 2), np.uint8), "y": np.ones((2, 1))}),
          "'X' must be uint8 of shape (32, 32, 3, N)"),
         (lambda: scipy.io.savemat(target, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((3, 1))}),
          "'y' must have shape (2, 1)"),
         (lambda: _write_svhn(tmp_path, np.random.default_rng(5), n=2, labels=[0, 3]), "integers in 1..10"),
         (lambda: _write_svhn(tmp_path, np.random.default_rng(5), n=2, labels=[11, 3]), "integers in 1..10"),
+        (lambda: scipy.io.savemat(target, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1)) * (1 + 1j)}),
+         "expected numeric variables 'X' and 'y', found ['X']"),
     ]
     for write, words in cases:
         write()
         with pytest.raises(ValueError) as info:
             load_dataset("svhn", "train", data_dir=tmp_path)
         assert str(target) in str(info.value) and words in str(info.value), words
+
+
+# ----------------------------------------------------------------------------------------------------- MAT-files
+
+def _mat_variables(rng):
+    return {"X": rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8), "y": np.array([[10], [1], [5], [9], [3]]),
+            "f32": rng.standard_normal((3, 5)).astype(np.float32), "i16": np.arange(-3, 3, dtype=np.int16),
+            "one": np.array(7.0), "empty": np.zeros((0, 3)), "text": "skipped", "cplx": np.array([1 + 2j]),
+            "cell": np.array([np.zeros(2), "a"], dtype=object)}
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_mat_reader_matches_scipy(tmp_path, compressed):
+    """Every real numeric variable as scipy.io.loadmat reads it (values, dtype, shape); the rest is skipped."""
+    import scipy.io
+
+    path = tmp_path / "v.mat"
+    scipy.io.savemat(path, _mat_variables(np.random.default_rng(9)), do_compression=compressed)
+    ours, ref = read_numeric_arrays(path), scipy.io.loadmat(path)
+    assert sorted(ours) == ["X", "empty", "f32", "i16", "one", "y"]
+    for name, array in ours.items():
+        assert array.dtype == ref[name].dtype and array.shape == ref[name].shape, name
+        assert np.array_equal(array, ref[name]), name
+
+
+def _element(order, kind, data: bytes) -> bytes:
+    pad = b"\0" * (-len(data) % 8)
+    return struct.pack(order + "II", kind, len(data)) + data + pad
+
+
+def test_mat_reader_big_endian_small_elements_and_narrow_storage(tmp_path):
+    """A file written by hand: big-endian, the name in a small (4-byte) element, a double array stored as uint8."""
+    order = ">"
+    values = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8)  # (2, 3), stored column-major
+    body = (_element(order, 6, struct.pack(order + "II", 6, 0))  # flags: class 6 = double
+            + _element(order, 5, struct.pack(order + "ii", 2, 3))  # dimensions
+            + struct.pack(order + "HH", 1, 1) + b"y\0\0\0"  # name "y" as a small int8 element: (count << 16) | type
+            + _element(order, 2, values.tobytes(order="F")))  # data as uint8
+    header = b"MATLAB 5.0 MAT-file, written by hand".ljust(124, b" ") + struct.pack(order + "H", 0x0100) + b"MI"
+    (tmp_path / "be.mat").write_bytes(header + _element(order, 14, body))
+    y = read_numeric_arrays(tmp_path / "be.mat")["y"]
+    assert y.dtype == np.float64 and np.array_equal(y, values.astype(np.float64))
+
+
+def test_mat_reader_refuses_what_it_cannot_read(tmp_path):
+    (tmp_path / "v73.mat").write_bytes(b"MATLAB 7.3 MAT-file".ljust(124, b" ") + b"\0\2IM" + b"\0" * 64)
+    with pytest.raises(ValueError, match="v7.3 files are HDF5: save with -v7"):
+        read_numeric_arrays(tmp_path / "v73.mat")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_mat_reader_damaged_files_raise_value_error(tmp_path, compressed):
+    """Flipped bytes, overwritten words and truncations of a valid file: each read either succeeds or raises a
+    ValueError naming the file, never another error (scipy's own reader can crash the process on some of these)."""
+    import scipy.io
+
+    good_path = tmp_path / "good.mat"
+    scipy.io.savemat(good_path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[10], [1]])},
+                     do_compression=compressed)
+    good = good_path.read_bytes()
+    rng = np.random.default_rng(10)
+    path = tmp_path / "bad.mat"
+    failed = 0
+    for trial in range(600):
+        damaged = bytearray(good)
+        if trial % 3 == 0:
+            for i in rng.integers(0, len(damaged), rng.integers(1, 4)):
+                damaged[i] = rng.integers(0, 256)
+        elif trial % 3 == 1:
+            i = rng.integers(128, len(damaged) - 4)
+            damaged[i:i + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        else:
+            damaged = damaged[:rng.integers(0, len(damaged))]
+        path.write_bytes(bytes(damaged))
+        try:
+            read_numeric_arrays(path)
+        except ValueError as exc:
+            assert str(path) in str(exc)
+            failed += 1
+    assert failed > 100  # the damage was noticed, not ignored
 
 
 # ----------------------------------------------------------------------------------------------------- missing data
@@ -283,6 +370,21 @@ def test_one_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="'data_batch_4'"):
         load_dataset("cifar10", "train", data_dir=tmp_path)
     assert len(load_dataset("cifar10", "test", data_dir=tmp_path)) == 2  # the test split is complete
+
+
+def test_files_spread_over_folders_are_named(tmp_path):
+    """Each file is somewhere, but no one folder holds them all."""
+    _write_idx_set(tmp_path, np.random.default_rng(7))
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "train-labels-idx1-ubyte").rename(tmp_path / "mnist" / "train-labels-idx1-ubyte")
+    with pytest.raises(FileNotFoundError, match="spread over .* they must all be in one of these folders"):
+        load_dataset("mnist", "train", data_dir=tmp_path)
+
+
+def test_a_split_without_images_is_refused(tmp_path):
+    _write_cifar(tmp_path, np.random.default_rng(8), n=0)
+    with pytest.raises(ValueError, match="test split: its files in .* hold no images"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, words", [(dict(name="imagenet"), "name must be one of"),

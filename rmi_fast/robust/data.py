@@ -7,7 +7,8 @@
 - ``"mnist"``, ``"fashion-mnist"``: the published IDX files (``train-images-idx3-ubyte`` … ``t10k-labels-idx1-ubyte``,
   optionally ``.gz``), read by :func:`read_idx`.
 - ``"cifar10"``: the python batches of ``cifar-10-batches-py`` (``data_batch_1`` … ``data_batch_5``, ``test_batch``).
-- ``"svhn"``: the cropped-digit ``train_32x32.mat`` / ``test_32x32.mat`` (label 10 stands for the digit 0).
+- ``"svhn"``: the cropped-digit ``train_32x32.mat`` / ``test_32x32.mat`` (label 10 stands for the digit 0), read by
+  :func:`rmi_fast.robust.matfile.read_numeric_arrays`.
 
 Nothing is ever downloaded: the real datasets are read from ``data_dir`` (the files directly in it, or in the
 conventional sub-folder named in :data:`DATASETS`), and a missing or malformed file raises an error naming it.
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .matfile import read_numeric_arrays
 
 __all__ = ["DATASETS", "DataShape", "DatasetInfo", "Split", "load_dataset", "read_idx"]
 
@@ -164,6 +167,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
             raise ValueError(f"data_dir is required for {name!r}: point it at a local copy of "
                              f"{', '.join(info.files(split))} (nothing is downloaded)")
         images, labels = _READERS[name](info, *_locate(info, split, Path(data_dir)))
+        if len(images) == 0:
+            raise ValueError(f"{name} {split} split: its files in {str(data_dir)!r} hold no images")
     if limit is not None:
         images, labels = images[:int(limit)], labels[:int(limit)]
     if images.dtype == np.uint8:  # the published 8-bit formats
@@ -192,8 +197,11 @@ def _locate(info: DatasetInfo, split: str, data_dir: Path) -> list[Path]:
             paths.append(found)
         else:
             return paths
-    missing = next(f for f in info.files(split) if not any((d / f).is_file() or (gz_ok and (d / (f + ".gz")).is_file())
-                                                          for d in folders))
+    missing = next((f for f in info.files(split) if not any((d / f).is_file() or (gz_ok and (d / (f + ".gz")).is_file())
+                                                           for d in folders)), None)
+    if missing is None:
+        raise FileNotFoundError(f"{info.name} {split} split: the files {', '.join(info.files(split))} are spread over "
+                                f"{', '.join(repr(str(d)) for d in folders)}; they must all be in one of these folders")
     raise FileNotFoundError(f"{info.name} {split} split: file {missing!r}{' (or .gz)' if gz_ok else ''} not found in "
                             f"{', '.join(repr(str(d)) for d in folders)}; the published files must be placed there "
                             "(nothing is downloaded)")
@@ -303,16 +311,19 @@ def _read_cifar_batch(path: Path, num_classes: int, size: int) -> tuple[np.ndarr
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a dict with b'data' and b'labels', got {type(batch).__name__}")
     # the published (Python 2) batches have bytes keys; accept str keys of batches re-pickled in Python 3 too
-    data, labels = (batch.get(key.encode(), batch.get(key)) for key in ("data", "labels"))
-    if data is None or labels is None:
+    keys = [next((k for k in (name.encode(), name) if k in batch), None) for name in ("data", "labels")]
+    if None in keys:
         raise ValueError(f"{path}: expected keys b'data' and b'labels', found {sorted(map(repr, batch))}")
+    data, labels = (batch[k] for k in keys)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * size**2:
         raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, {3 * size**2}), got "
                          f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: b'labels' must be a list of integers ({err})") from err
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):  # floats would be truncated; ints past int64 are objects
+        raise ValueError(f"{path}: b'labels' must be a list of integers, got {labels.dtype} values")
     return data.reshape(-1, 3, size, size), _check_labels(path, labels, len(data), num_classes)
 
 
@@ -323,23 +334,16 @@ def _read_cifar(info: DatasetInfo, *paths: Path) -> tuple[np.ndarray, np.ndarray
 
 def _read_svhn(info: DatasetInfo, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """SVHN cropped digits: X uint8 (32, 32, 3, N), y (N, 1) in 1..10 with 10 for the digit 0 → (N, 3, 32, 32), (N,)."""
-    import scipy.io
-
-    try:
-        mat = scipy.io.loadmat(path)
-    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError, NotImplementedError,
-            scipy.io.matlab.MatReadError) as err:
-        raise ValueError(f"{path}: not a MATLAB .mat file with SVHN arrays ({type(err).__name__}: {err})") from err
+    mat = read_numeric_arrays(path)  # our strict reader: scipy's can crash the process on a damaged file
     X, y = mat.get("X"), mat.get("y")
     if X is None or y is None:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"{path}: expected variables 'X' and 'y', found {found}")
+        raise ValueError(f"{path}: expected numeric variables 'X' and 'y', found {sorted(mat)}")
     size = info.image_size
     if X.dtype != np.uint8 or X.ndim != 4 or X.shape[:3] != (size, size, info.channels):
         raise ValueError(f"{path}: 'X' must be uint8 of shape ({size}, {size}, {info.channels}, N), got {X.dtype} "
                          f"{X.shape}")
     n = X.shape[3]
-    if y.shape not in ((n, 1), (n,)) or not np.issubdtype(y.dtype, np.number):
+    if y.shape not in ((n, 1), (n,)):  # the reader returns real numeric arrays only
         raise ValueError(f"{path}: 'y' must have shape ({n}, 1) (one label per image), got {y.dtype} {y.shape}")
     y = y.reshape(n)
     if n and (y.min() < 1 or y.max() > 10 or np.any(y != np.round(y))):
