@@ -17,6 +17,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from . import backends, distributed
 from .checks import check_values
@@ -46,12 +47,19 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def _check_untransformed(name: str, t: torch.Tensor) -> None:
-    """The kernels' autograd is first order and has no batching rule, so torch.func's transforms cannot pass it: say
-    so by name, where torch would ask for an autograd.Function rewritten for them."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+    """The kernels' autograd is first-order reverse mode with no batching rule, so neither torch.func's transforms
+    nor forward-mode dual tensors can pass it: say so by name, where torch would ask for an autograd.Function
+    rewritten for them."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
         raise TypeError(f"{name} is a tensor inside a torch.func transform (vmap, grad, jacrev, ...), which rmi_fast's "
                         "kernels do not support: take gradients with torch.autograd.grad or .backward(), and batch "
                         "independent problems as (G, B, D) groups instead of vmap")
+    if forward_ad.unpack_dual(t).tangent is not None:
+        raise TypeError(f"{name} carries a forward-mode tangent (torch.autograd.forward_ad), which rmi_fast's kernels "
+                        "do not support: their gradients are reverse mode, taken with torch.autograd.grad or "
+                        ".backward()")
 
 
 def _check_embeddings(name: str, t, ndims=(2, 3)) -> None:
@@ -362,21 +370,23 @@ def _bound(x, y, bound, scale, reduction, backend, clip, diagonal, log_ema, dete
     else:  # dv, smile, mine: one log term per group
         log_n = math.log(B * (B - 1))
         if bound == "mine":
-            stat = _mine_log_term(stat, log_n, log_ema)
+            stat = _mine_log_term(stat, log_n, log_ema, 1 if reduction == "mean" else x.shape[-2])
         terms = pos - (stat - log_n).unsqueeze(-1)
     return _reduce(terms, reduction, squeeze=(x.dim() == 2 and y.dim() == 2))
 
 
-def _mine_log_term(L: torch.Tensor, log_n: float, log_ema) -> torch.Tensor:
+def _mine_log_term(L: torch.Tensor, log_n: float, log_ema, upstream: int) -> torch.Tensor:
     """Value L; gradient ∇L·m/ema with m = exp(L − log n) the batch's mean of exp S over negatives.
 
     ∇ log m = ∇m / m, and MINE's bias-corrected gradient is ∇m / ema = ∇L · (m / ema). The ratio is taken in log
-    space, so neither m nor the average under- or overflows on its own; a ratio beyond the dtype's range is capped
-    there, and the value stays exactly L.
+    space, so neither m nor the average under- or overflows on its own, and the value stays exactly L. A ratio is
+    capped where its product with L's largest upstream gradient would leave the dtype's range: ``upstream`` is 1 for
+    a mean, and for a sum (or per-anchor terms weighted by at most 1 each) the number of anchors, whose terms all
+    hold L. Past the cap the gradient is that of the cap; below it, exact.
     """
     if log_ema is None:
         return L
-    ratio = torch.exp(L.detach() - log_n - log_ema).clamp(max=torch.finfo(L.dtype).max)
+    ratio = torch.exp(L.detach() - log_n - log_ema).clamp(max=torch.finfo(L.dtype).max / upstream)
     return L.detach() + (L - L.detach()) * ratio
 
 
@@ -384,7 +394,9 @@ class MINE:
     """MINE's moving average: ``value = mine(x, y)`` returns dv's value with the bias-corrected gradient.
 
     momentum: weight of the old average (Belghazi et al. use 0.99). The average starts at the first batch's mean and
-    is kept as its log (``log_ema``), so batches whose scores are far from 0 neither under- nor overflow it.
+    is kept as its log (``log_ema``), so batches whose scores are far from 0 neither under- nor overflow it. A batch
+    whose mean is NaN or infinite gets its NaN value but is left out of the average, and the average follows the
+    inputs' device.
     ``bound_kwargs`` and the call's keyword arguments are :func:`mi_bound`'s options (scale, reduction, backend,
     clip, diagonal, deterministic, gather); with ``gather`` the average is over the pairs of every rank.
     """
@@ -418,8 +430,12 @@ class MINE:
             if self.log_ema is None:
                 self.log_ema = log_mean
             else:  # log(momentum·ema + (1 − momentum)·mean)
+                old = self.log_ema.to(log_mean.device)
                 keep = math.log(self.momentum) if self.momentum > 0 else -math.inf
-                self.log_ema = torch.logaddexp(self.log_ema + keep, log_mean + math.log1p(-self.momentum))
+                blended = torch.logaddexp(old + keep, log_mean + math.log1p(-self.momentum))
+                # A batch whose mean is not finite (NaN or inf inputs) returns its NaN below but stays out of the
+                # average, where it would poison every later batch; an average not yet finite restarts from this one.
+                self.log_ema = torch.where(log_mean.isfinite(), torch.where(old.isfinite(), blended, log_mean), old)
         return _bound(x, y, "mine", o["scale"], o["reduction"], o["backend"], clip, o["diagonal"], self.log_ema,
                       o["deterministic"], o["gather"])
 

@@ -296,6 +296,42 @@ def test_mine_tracks_the_moving_average(backend):
     assert mine.ema.item() == pytest.approx(batch_mean.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mine_gradient_stays_finite_far_above_the_average(backend, reduction):
+    """A batch mean 87 nats above the moving average: m/ema ≈ 1e38. The mean's gradient is exact; a sum's (B times
+    larger, past fp32's range in the product with the ratio) is that of the capped ratio: finite, pointing the
+    oracle's way, not larger than it."""
+    x, y = _inputs((4, 3), (4, 3))
+    ema = 1e-38
+    t = rf.mi_bound(x, y, "mine", mine_ema=ema, reduction=reduction, backend=backend)
+    gx, gy = torch.autograd.grad(t.sum(), (x, y))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    ref = R.mine(x64, y64, 1.0, ema=ema)
+    rgx, rgy = torch.autograd.grad(ref.mean() if reduction == "mean" else ref.sum(), (x64, y64))
+    for g, r in ((gx, rgx), (gy, rgy)):
+        assert torch.isfinite(g).all()
+        if reduction == "mean":
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+        else:
+            assert torch.equal(g.sign(), r.sign().float()) and (g.double().abs() <= r.abs() * (1 + 1e-4)).all()
+
+
+@pytest.mark.parametrize("where", ["first batch", "later batch"])
+def test_mine_leaves_a_nan_batch_out_of_the_average(backend, where):
+    """A NaN batch gets a NaN value but does not poison the average: the next clean batch's value and gradients are
+    those of a MINE that never saw it."""
+    (x1, y1), (x2, y2) = _inputs((10, 6), (10, 6)), _inputs((10, 6), (10, 6), seed=1)
+    nan = torch.full_like(x1, math.nan)
+    seen, clean = rf.MINE(momentum=0.5, backend=backend), rf.MINE(momentum=0.5, backend=backend)
+    if where == "later batch":
+        seen(x1, y1), clean(x1, y1)
+    assert torch.isnan(seen(nan, y1))
+    t, t_ref = seen(x2, y2), clean(x2, y2)
+    assert torch.isfinite(seen.log_ema) and torch.equal(seen.log_ema, clean.log_ema)
+    grads, grads_ref = torch.autograd.grad(t, (x2, y2)), torch.autograd.grad(t_ref, (x2, y2))
+    assert torch.equal(t, t_ref) and all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+
+
 @pytest.mark.parametrize("case", ["all exp S underflow", "scores near 1e4"])
 def test_mine_stays_exact_at_extreme_scores(backend, case):
     """The moving average is kept in log space: where exp S under- or overflows fp32 the value is still dv's and the

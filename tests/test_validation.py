@@ -1,6 +1,8 @@
 """Every bad input of design §6 gets a ValueError/TypeError that names the argument."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -8,6 +10,13 @@ import rmi_fast as rf
 
 x = torch.randn(8, 4)
 y = torch.randn(8, 4)
+
+
+def _forward_mode(f, primal):
+    # torch's forward-mode decompositions still go through torch.jit.script, which warns that it is deprecated
+    with torch.autograd.forward_ad.dual_level(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return f(torch.autograd.forward_ad.make_dual(primal, torch.ones_like(primal)))
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -66,6 +75,10 @@ y = torch.randn(8, 4)
     (lambda: torch.func.vmap(rf.nt_xent_loss)(torch.randn(3, 8, 4)), TypeError, "z is a tensor inside a torch.func"),
     (lambda: torch.func.grad(lambda s: rf.mi_bound(x, y, scale=s))(torch.tensor(1.0)), TypeError,
      "scale is a tensor inside a torch.func"),
+    (lambda: _forward_mode(lambda d: rf.mi_bound(d, y, "infonce"), x), TypeError,
+     "x carries a forward-mode tangent (torch.autograd.forward_ad)"),
+    (lambda: _forward_mode(lambda d: rf.infonce_loss(x, y, logit_scale=d), torch.tensor(2.0)), TypeError,
+     "logit_scale carries a forward-mode tangent"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error) as info:
