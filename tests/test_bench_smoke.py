@@ -65,6 +65,22 @@ def test_rerender_from_json(quick_run, tmp_path, capsys):
     assert (tmp_path / "t.md").read_text().count("| nwj/B2048/D128/fp32 |") >= 1
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.update(rows=[1, 2]), "rows[0] must be an object, got int"),
+    (lambda r: r["rows"][1].pop("impl"), "rows[1] needs a string 'impl', got None"),
+    (lambda r: r["rows"][0].update(median_ms="x"), "rows[0] 'median_ms' must be a number or null, got 'x'"),
+    (lambda r: r.update(device_info=3), "'device_info' must be an object, got int"),
+])
+def test_rerender_refuses_a_malformed_report(quick_run, tmp_path, capsys, edit, words):
+    _, files = quick_run
+    report = json.loads(files["json"].read_text())
+    edit(report)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report))
+    assert cli.main(["bench", "--from-json", str(bad)]) == 2
+    assert f"{bad}: {words}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--passes", "fwd,sideways"], "unknown passes sideways"),
     (["bench", "--repeats", "0"], "expected a positive int"),

@@ -3,6 +3,7 @@ dispatch that follows them ("auto"'s backend, the Triton backward's variant)."""
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -260,6 +261,12 @@ def test_tune_command_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--from-json .* is not a report of rmi-fast tune"):
         (tmp_path / "x.json").write_text("{}")
         cli.main(["tune", "--from-json", str(tmp_path / "x.json")])
+    for report, words in [({"device": "x", "device_info": {"type": "tpu"}, "rows": []}, "device_info.type 'tpu'"),
+                          ({"device": "x", "device_info": {"type": "cpu"}, "rows": [1, 2]}, "a row is not a measurement"),
+                          ({"device": "x", "device_info": {"type": "cpu"}, "rows": [{"B": 1}]}, "KeyError: 'kernel'")]:
+        (tmp_path / "x.json").write_text(json.dumps(report))
+        with pytest.raises(SystemExit, match=f"--from-json .*{re.escape(words)}"):
+            cli.main(["tune", "--from-json", str(tmp_path / "x.json")])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda, but no CUDA device"):
             cli.main(["tune", "--device", "cuda"])

@@ -15,7 +15,38 @@ def load(path: str | Path) -> dict:
         raise ValueError(f"cannot read benchmark JSON {path}: {exc}") from exc
     if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
         raise ValueError(f"{path} is not an `rmi-fast bench --json` report (no 'rows' list)")
+    for key in ("device_info", "versions"):
+        if not isinstance(report.get(key, {}), dict):
+            raise ValueError(f"{path}: '{key}' must be an object, got {type(report[key]).__name__}")
+    for i, row in enumerate(report["rows"]):
+        problem = _row_problem(row)
+        if problem:
+            raise ValueError(f"{path}: rows[{i}] {problem}")
     return report
+
+
+#: The fields of a row that the table and the plots read: names, and measurements (numbers, or null when missing).
+_ROW_TEXT = ("case", "impl", "pass")
+_ROW_NUMBERS = ("B", "D", "G", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "tflops", "speedup_vs_eager",
+                "pct_gemm")
+_ROW_NOTES = ("error", "note", "memory_error")
+
+
+def _row_problem(row) -> str | None:
+    """What is wrong with one saved row (None when it can be rendered)."""
+    if not isinstance(row, dict):
+        return f"must be an object, got {type(row).__name__}"
+    for key in _ROW_TEXT:
+        if not isinstance(row.get(key), str):
+            return f"needs a string '{key}', got {row.get(key)!r}"
+    for key in _ROW_NUMBERS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"'{key}' must be a number or null, got {value!r}"
+    for key in _ROW_NOTES:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"'{key}' must be a string or null, got {row[key]!r}"
+    return None
 
 
 def _rate(row: dict, gpu: bool) -> str:

@@ -304,4 +304,11 @@ def table_from_report(path: str) -> tuning.Table:
         name = report["device"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a report of rmi-fast tune ({type(exc).__name__}: {exc})") from None
-    return derive(rows, name, backends.preference(kind), source=str(path))
+    if kind not in ("cpu", "cuda") or not isinstance(name, str) or not isinstance(rows, list):
+        raise ValueError(f"{path} is not a report of rmi-fast tune (device_info.type {kind!r}, device {name!r}, "
+                         f"rows of type {type(rows).__name__})")
+    try:
+        return derive(rows, name, backends.preference(kind), source=str(path))
+    except (KeyError, TypeError, AttributeError) as exc:  # a row without the fields every measurement has
+        raise ValueError(f"{path}: a row is not a measurement of rmi-fast tune ({type(exc).__name__}: {exc})") \
+            from None
