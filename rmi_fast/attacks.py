@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .checks import check_values
+from .checks import check_bool, check_int, check_real, check_values
 
 __all__ = ["NORMS", "apgd", "apgd_checkpoints", "eval_mode", "gradient_masking_check", "pgd"]
 
@@ -39,37 +38,21 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 # ----------------------------------------------------------------------------------------------------- validation
 
-def _check_real(name: str, value, *, positive: bool = False, allow_negative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0) or (not allow_negative and value < 0):
-        kind = "a positive" if positive else "a finite" if allow_negative else "a non-negative"
-        raise ValueError(f"{name} must be {kind} finite number, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_clamp(clamp) -> tuple[float, float] | None:
     if clamp is None:
         return None
     pair = tuple(clamp) if isinstance(clamp, Iterable) and not isinstance(clamp, (str, bytes)) else ()
     if len(pair) != 2:
         raise TypeError(f"clamp must be a (lo, hi) pair or None, got {clamp!r}")
-    lo, hi = (_check_real("clamp", v, allow_negative=True) for v in pair)
+    lo, hi = (check_real("clamp", v, allow_negative=True) for v in pair)
     if not lo < hi:
         raise ValueError(f"clamp must be a (lo, hi) pair with lo < hi, got {clamp!r}")
     return lo, hi
 
 
 def _check_models(models) -> tuple[nn.Module, ...]:
+    if not isinstance(models, (nn.Module, Iterable)):
+        raise TypeError(f"models must be an nn.Module or a sequence of them, got {type(models).__name__}")
     models = (models,) if isinstance(models, nn.Module) else tuple(models)
     for m in models:
         if not isinstance(m, nn.Module):
@@ -97,10 +80,10 @@ def _check_common(loss_fn, x, eps, norm, restarts, clamp, models, generator):
     """Validate the arguments pgd and apgd share; returns the normalised (x, eps, clamp, models)."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    eps = _check_real("eps", eps)
+    eps = check_real("eps", eps)
     if not isinstance(norm, str) or norm not in NORMS:
         raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
-    _check_int("restarts", restarts, 1)
+    check_int("restarts", restarts, 1)
     clamp = _check_clamp(clamp)
     x = _check_input(x, clamp)
     if generator is not None:
@@ -253,8 +236,10 @@ def pgd(loss_fn: LossFn, x: torch.Tensor, *, eps: float, alpha: float, steps: in
         x_adv: detached tensor with x's shape, dtype and device. ``eps == 0`` or ``steps == 0`` gives x (clamped).
     """
     x, eps, clamp, models = _check_common(loss_fn, x, eps, norm, restarts, clamp, models, generator)
-    alpha = _check_real("alpha", alpha, positive=True)
-    steps = _check_int("steps", steps, 0)
+    alpha = check_real("alpha", alpha, positive=True)
+    steps = check_int("steps", steps, 0)
+    for name, flag in (("random_start", random_start), ("use_best", use_best), ("per_sample", per_sample)):
+        check_bool(name, flag)
     feasible = _FeasibleSet(x, eps, norm, clamp)
     if eps == 0 or steps == 0 or x.shape[0] == 0:
         return feasible.project(x)
@@ -339,8 +324,8 @@ def apgd(loss_fn: LossFn, x: torch.Tensor, *, eps: float, steps: int, norm: str 
         x_adv: detached tensor with x's shape, dtype and device.
     """
     x, eps, clamp, models = _check_common(loss_fn, x, eps, norm, restarts, clamp, models, generator)
-    steps = _check_int("steps", steps, 0)
-    rho = _check_real("rho", rho)
+    steps = check_int("steps", steps, 0)
+    rho = check_real("rho", rho)
     if rho > 1:
         raise ValueError(f"rho must be in [0, 1], got {rho}")
     feasible = _FeasibleSet(x, eps, norm, clamp)
@@ -367,8 +352,8 @@ def gradient_masking_check(results, *, tolerance: float | None = None) -> list[s
     is flagged too.
 
     Args:
-        results: ordered (attack_name, adversarial_accuracy) pairs (or a mapping in that order), accuracies as
-            fractions in [0, 1] or percentages in [0, 100].
+        results: ordered (attack_name, adversarial_accuracy) pairs (or a mapping in that order), accuracies all as
+            fractions in [0, 1] or all as percentages in [0, 100] (read as percentages when any is above 1).
         tolerance: allowed slack in the accuracies' unit; default one percentage point (0.01 for fractions, 1.0
             when any accuracy is above 1, i.e. percentages) — a few samples of a small test set, since different
             attacks maximising the same loss may each leave a different sample or two correct.
@@ -376,16 +361,21 @@ def gradient_masking_check(results, *, tolerance: float | None = None) -> list[s
     Returns:
         The warning messages (an empty list when the accuracies are consistent).
     """
+    if not isinstance(results, Iterable) or isinstance(results, (str, bytes)):
+        raise TypeError(f"results must be (attack_name, accuracy) pairs or a mapping, got {type(results).__name__}")
     items = list(results.items() if isinstance(results, Mapping) else results)
     pairs = []
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
             raise TypeError(f"results must be (attack_name, accuracy) pairs, got {item!r}")
         name, acc = item
-        acc = _check_real(f"results[{name!r}]", acc)
+        acc = check_real(f"results[{name!r}]", acc)
+        if acc > 100:
+            raise ValueError(f"results[{name!r}] must be an accuracy, a fraction in [0, 1] or a percentage in "
+                             f"[0, 100], got {acc!r}")
         pairs.append((name, acc))
     percent = any(acc > 1 for _, acc in pairs)
-    tol = (1.0 if percent else 0.01) if tolerance is None else _check_real("tolerance", tolerance)
+    tol = (1.0 if percent else 0.01) if tolerance is None else check_real("tolerance", tolerance)
     unit = "%" if percent else ""
     natural = [acc for name, acc in pairs if name.lower() == "natural"]
     attacks = [(name, acc) for name, acc in pairs if name.lower() != "natural"]

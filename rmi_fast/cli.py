@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -60,12 +61,22 @@ def _positive(kind: type):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            what = "a positive finite float" if kind is float else f"a positive {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
     return parse
+
+
+def _seed(text: str) -> int:
+    from rmi_fast.robust.utils import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
 
 
 def _png(text: str) -> str:
@@ -204,7 +215,7 @@ def _paper_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
         p.add_argument("--dataset", default="digits", help="digits (built in), mnist, fashion-mnist, cifar10, svhn")
     p.add_argument("--data-dir", default=None, help="folder with the dataset's published files (not for digits)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--eps", type=_positive(float), default=None, help="ℓ∞ radius (default: the paper's)")
     p.add_argument("--alpha", type=_positive(float), default=None, help="PGD step size (default: the paper's)")
     p.add_argument("--steps", type=_positive(int), default=None, help="PGD steps (default: the paper's)")
@@ -237,6 +248,19 @@ def _paper_setup(args: argparse.Namespace, dataset: str):
     if device.type == "cpu":
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     return device, settings
+
+
+def _dataset_for(args: argparse.Namespace, encoder_config, trained_on: str | None, source: str) -> str:
+    """--dataset, else the one the checkpoint was trained on; its images must be the encoder's input shape."""
+    from rmi_fast.robust.data import DATASETS
+
+    dataset = args.dataset or trained_on
+    info = DATASETS.get(dataset)
+    have = (encoder_config.in_channels, encoder_config.image_size)
+    if info is not None and (info.channels, info.image_size) != have:
+        raise ValueError(f"--dataset {dataset} has {info.channels}×{info.image_size}×{info.image_size} images, but "
+                         f"the encoder of {source} takes {have[0]}×{have[1]}×{have[1]} (trained on {trained_on})")
+    return dataset
 
 
 def _train_encoder(args: argparse.Namespace) -> int:
@@ -296,7 +320,7 @@ def _estimate_mi(args: argparse.Namespace) -> int:
     from rmi_fast.robust.training import load_encoder
 
     encoder, config = load_encoder(args.encoder)
-    dataset = args.dataset or config.dataset
+    dataset = _dataset_for(args, config.encoder, config.dataset, args.encoder)
     device, s = _paper_setup(args, dataset)
     train = load_dataset(dataset, "train", args.data_dir, args.limit)
     test = load_dataset(dataset, "test", args.data_dir, args.limit)
@@ -314,7 +338,7 @@ def _train_head(args: argparse.Namespace) -> int:
     from rmi_fast.robust.training import load_encoder
 
     encoder, config = load_encoder(args.encoder)
-    dataset = args.dataset or config.dataset
+    dataset = _dataset_for(args, config.encoder, config.dataset, args.encoder)
     device, s = _paper_setup(args, dataset)
     data = load_dataset(dataset, "train", args.data_dir, args.limit)
     head_config = protocol_head_config(args.head, args.training, s, args.seed)
@@ -332,7 +356,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from rmi_fast.robust.downstream import attack_suite, evaluate_classifier, load_classifier
 
     model, meta = load_classifier(args.model)
-    dataset = args.dataset or meta["dataset"]
+    dataset = _dataset_for(args, model.encoder.config, meta["dataset"], args.model)
     device, s = _paper_setup(args, dataset)
     test = load_dataset(dataset, "test", args.data_dir, args.limit)
     metrics = evaluate_classifier(model.to(device), test.images, test.labels, attack_suite(s.eps, s.alpha, s.steps),
@@ -430,12 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The flags that name a file or folder a command writes: checked before the command's work, not after it.
 _OUTPUT_FLAGS = ("out", "json", "plot", "markdown", "table")
+#: The commands whose --out is a folder (every other output is a file).
+_FOLDER_OUT = ("reproduce",)
 
 
-def _check_writable(flag: str, path: str) -> None:
+def _check_writable(command: str, flag: str, path: str) -> None:
     """The nearest existing folder on the way to ``path`` must be a writable folder (the commands create the rest)."""
     target = Path(path).expanduser().absolute()
-    if target.is_dir() and flag != "out":
+    if target.is_dir() and not (flag == "out" and command in _FOLDER_OUT):
         raise ValueError(f"--{flag} {path}: is a folder, not a file")
     folder = target.parent
     while not folder.exists():
@@ -451,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for flag in _OUTPUT_FLAGS:
             if getattr(args, flag, None):
-                _check_writable(flag, getattr(args, flag))
+                _check_writable(args.command, flag, getattr(args, flag))
         return int(args.func(args) or 0)
     except (ValueError, OSError) as exc:
         if os.environ.get("RMI_FAST_DEBUG") == "1":

@@ -306,6 +306,13 @@ def _run(**overrides):
     (lambda: gradient_masking_check([("pgd", "high")]), TypeError, "must be a real number"),
     (lambda: gradient_masking_check([("pgd", 0.1, 0.2)]), TypeError, "results must be (attack_name, accuracy)"),
     (lambda: gradient_masking_check([("pgd", -0.1)]), ValueError, "results['pgd'] must be"),
+    (lambda: gradient_masking_check([("pgd", 150.0)]), ValueError, "a percentage in [0, 100]"),
+    (lambda: gradient_masking_check(None), TypeError, "results must be (attack_name, accuracy) pairs or a mapping"),
+    (lambda: _run(use_best="no"), TypeError, "use_best must be True or False"),
+    (lambda: _run(random_start=1), TypeError, "random_start must be True or False"),
+    (lambda: _run(per_sample="yes"), TypeError, "per_sample must be True or False"),
+    (lambda: _run(models=3), TypeError, "models must be an nn.Module or a sequence of them, got int"),
+    (lambda: _run(clamp=(0.0, float("nan"))), ValueError, "clamp must be a finite number"),
 ])
 def test_bad_inputs_name_the_argument(call, error, words):
     with pytest.raises(error) as info:

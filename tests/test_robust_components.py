@@ -159,3 +159,116 @@ def test_heads_train_and_evaluate(head, training, tmp_path):
     torch.testing.assert_close(loaded(images), model(images))
     with pytest.raises(ValueError, match="attack"):
         HeadConfig(training="robust")
+
+
+# ----------------------------------------------------------------------------------------------------- bad inputs
+
+def _nan_image():
+    x = _images(16)
+    x[3, 0, 2, 2] = math.nan
+    return x
+
+
+_EST = EstimationConfig(critic=CRIT, attack=ATTACK, epochs=1, batch_size=8)
+_HEAD = HeadConfig(head="linear", epochs=1, batch_size=8)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    # configs: a wrong type is a TypeError, a value out of range a ValueError, each naming the field
+    (lambda: CriticConfig(conv_channels=()), ValueError, "CriticConfig.conv_channels must hold at least one"),
+    (lambda: CriticConfig(conv_channels=(0,)), ValueError, "CriticConfig.conv_channels[0] must be an integer >= 1"),
+    (lambda: CriticConfig(conv_channels=(2.7,)), TypeError, "CriticConfig.conv_channels[0] must be an integer"),
+    (lambda: CriticConfig(in_channels=True), TypeError, "CriticConfig.in_channels must be an integer"),
+    (lambda: CriticConfig(scale="x"), TypeError, "CriticConfig.scale must be a real number"),
+    (lambda: EncoderConfig(conv_channels="64"), TypeError, "EncoderConfig.conv_channels must be a sequence"),
+    (lambda: EncoderConfig(image_size=4, conv_channels=(4, 4, 4)), ValueError, "leave nothing of a 4×4 image"),
+    (lambda: AttackConfig(eps="0.1", alpha=0.1, steps=1), TypeError, "eps must be a real number"),
+    (lambda: AttackConfig(eps=math.inf, alpha=0.1, steps=1), ValueError, "eps must be a non-negative finite"),
+    (lambda: AttackConfig(eps=0.1, alpha=0.1, steps=True), TypeError, "steps must be an integer"),
+    (lambda: AttackConfig(eps=0.1, alpha=0.1, steps=1, random_start="no"), TypeError, "random_start must be True"),
+    (lambda: MIConfig(backend="xyz"), ValueError, "backend must be 'auto' or one of"),
+    (lambda: _config(lr=math.inf), ValueError, "lr must be a positive finite number"),
+    (lambda: _config(lr="1e-3"), TypeError, "lr must be a real number"),
+    (lambda: _config(seed="a"), TypeError, "seed must be an integer"),
+    (lambda: _config(seed=2**64), ValueError, "seed must be below 2**63"),
+    (lambda: HeadConfig(hidden=-1), ValueError, "hidden must be an integer >= 1"),
+    (lambda: EvalAttack("pgd", "pgd", -0.1, 2, 0.05), ValueError, "eps must be a non-negative finite"),
+    (lambda: EvalAttack("apgd", "apgd", 0.1, -1), ValueError, "steps must be an integer >= 0"),
+    (lambda: attack_suite(0.1, 0.05, 0), ValueError, "steps must be an integer >= 1"),
+    (lambda: adversarial_accuracy_bound("0.5", 10), TypeError, "mi_worst must be a real number"),
+    # images: the model's shape, float32, values in [0, 1], enough of them; checked before any work
+    (lambda: train_encoder(_config(), _images(16).double()), TypeError, "images must be float32"),
+    (lambda: train_encoder(_config(mode="infomax"), _nan_image()), ValueError, "images must lie in [0, 1] (and hold no"),
+    (lambda: train_encoder(_config(), _images(16) * 2), ValueError, "they span [0"),
+    (lambda: train_encoder(_config(), _images(1)), ValueError, "need at least 2 images"),
+    (lambda: estimate_mi(_models()[0], _images(16), torch.rand(16, 1, 16, 16), _EST), ValueError,
+     "eval_images must be a (B, 1, 8, 8) batch of images, got (16, 1, 16, 16)"),
+    (lambda: train_head(_models()[0], _images(0), torch.zeros(0, dtype=torch.long), _HEAD, num_classes=4), ValueError,
+     "need at least 1 images"),
+    # labels: integer class indices, one per image, in range
+    (lambda: train_head(_models()[0], _images(8), torch.zeros(8), _HEAD, num_classes=4), TypeError,
+     "labels must be an integer tensor"),
+    (lambda: train_head(_models()[0], _images(8), torch.arange(8), _HEAD, num_classes=4), ValueError,
+     "labels must lie in [0, 4); they span [0, 7]"),
+    (lambda: train_head(_models()[0], _images(8), torch.zeros(7, dtype=torch.long), _HEAD, num_classes=4),
+     ValueError, "labels must have shape (8,)"),
+    (lambda: train_head(_models()[0], _images(8), torch.zeros(8, dtype=torch.long), _HEAD, num_classes=1),
+     ValueError, "num_classes must be an integer >= 2"),
+    (lambda: evaluate_classifier(_classifier(4), _images(8), torch.arange(8), []), ValueError,
+     "labels must lie in [0, 4): the model has 4 outputs"),
+    # modules: an input of another shape than the config's
+    (lambda: Critic(CRIT)(torch.rand(4, 1, 16, 16), torch.rand(4, 8)), ValueError, "x must be a (B, 1, 8, 8) batch"),
+    (lambda: Critic(CRIT)(_images(4), torch.rand(4, 9)), ValueError, "z must be (4, 8)"),
+    (lambda: Encoder(ENC)(torch.rand(4, 3, 8, 8)), ValueError, "x must be a (B, 1, 8, 8) batch of images"),
+])
+def test_bad_inputs_are_named(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value), str(info.value)
+
+
+def _classifier(classes):
+    from rmi_fast.robust.models import Classifier
+
+    return Classifier(Encoder(ENC), make_head("linear", ENC.dim, classes))
+
+
+def test_malformed_checkpoints_name_the_file(tmp_path):
+    """A resumable checkpoint whose entries disagree, or that lacks one, is refused with its path; one from a run
+    over another number of images is not resumed (its steps would stand for other epochs)."""
+    images = _images(32)
+    config = _config(epochs=2, batch_size=8)  # 8 steps
+    ckpt = tmp_path / "enc.pt"
+    train_encoder(config, images, checkpoint=ckpt, checkpoint_every=1, stop_after=3)
+    good = torch.load(ckpt, weights_only=True)
+
+    def edited(**changes):
+        path = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}.pt"
+        payload = {k: v for k, v in {**good, **changes}.items() if v is not None}
+        torch.save(payload, path)
+        return path
+
+    cases = [
+        (edited(step=10**6), "step 1000000 of 8 with a history of shape (3,): they must agree"),
+        (edited(step=-5), "step -5 of 8"),
+        (edited(history="abc"), "with a history of shape ()"),
+        (edited(encoder=None), "malformed 'rmi_fast.robust.encoder' checkpoint (KeyError: 'encoder')"),
+        (edited(attack_rng=torch.zeros(3, dtype=torch.uint8)), "malformed 'rmi_fast.robust.encoder' checkpoint"),
+        (edited(config={**good["config"], "extra": 1}), "(TypeError:"),
+        (edited(config="a string"), "malformed"),
+    ]
+    for path, words in cases:
+        with pytest.raises(ValueError) as info:
+            train_encoder(config, images, checkpoint=path)
+        assert str(path) in str(info.value) and words in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match="holds a run of 8 steps where this one takes 4"):
+        train_encoder(config, images[:16], checkpoint=ckpt)
+    with pytest.raises(ValueError, match="malformed 'rmi_fast.robust.encoder' checkpoint"):
+        load_encoder(edited(encoder={"features.0.weight": torch.zeros(1)}))
+    model = _classifier(4)
+    save_classifier(tmp_path / "clf.pt", model, _HEAD, dataset="digits", num_classes=4)
+    payload = torch.load(tmp_path / "clf.pt", weights_only=True)
+    del payload["head"]
+    torch.save(payload, tmp_path / "clf-nohead.pt")
+    with pytest.raises(ValueError, match=r"clf-nohead.pt is a malformed 'rmi_fast.robust.classifier' checkpoint"):
+        load_classifier(tmp_path / "clf-nohead.pt")

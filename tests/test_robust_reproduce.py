@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rmi_fast.cli import main
 
 
@@ -53,15 +55,31 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
     blocker.write_text("")
     torn = tmp_path / "torn.pt"
     torn.write_bytes(b"not a checkpoint")
+    enc = tmp_path / "enc.pt"
+    assert main(["train-encoder", "--mode", "infomax", "--out", str(enc), "--epochs", "1", "--limit", "8",
+                 "--quiet"]) == 0
     cases = [
         (["train-encoder", "--dataset", "nosuch", "--out", str(tmp_path / "e.pt")], "dataset must be one of"),
         (["train-encoder", "--dataset", "mnist", "--out", str(tmp_path / "e.pt")], "data_dir is required"),
         (["reproduce", "--out", str(blocker / "run")], f"--out {blocker / 'run'}: cannot write under {blocker}"),
         (["train-head", "--encoder", str(tmp_path / "missing.pt"), "--out", str(blocker / "c.pt")], "cannot write"),
         (["estimate-mi", "--encoder", str(torn)], f"{torn} is not a readable 'rmi_fast.robust.encoder' checkpoint"),
+        (["train-encoder", "--out", str(tmp_path)], f"--out {tmp_path}: is a folder, not a file"),
+        (["estimate-mi", "--encoder", str(enc), "--dataset", "mnist", "--data-dir", str(tmp_path)],
+         f"--dataset mnist has 1×28×28 images, but the encoder of {enc} takes 1×8×8 (trained on digits)"),
     ]
     for argv, words in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"rmi-fast {argv[0]}: error: ") and words in err and "\n" not in err, err
     assert not (tmp_path / "e.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value, words", [("--eps", "nan", "expected a positive finite float, got 'nan'"),
+                                                ("--alpha", "inf", "expected a positive finite float"),
+                                                ("--seed", str(2**70), "expected an integer in [0, 2**63)"),
+                                                ("--seed", "-1", "expected an integer in [0, 2**63)")])
+def test_bad_flag_values_are_refused_by_the_parser(tmp_path, capsys, flag, value, words):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--out", str(tmp_path / "run"), flag, value])
+    assert exc.value.code == 2 and words in capsys.readouterr().err

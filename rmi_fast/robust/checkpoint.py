@@ -1,7 +1,9 @@
 """Checkpoints of plain dicts and tensors: loadable with ``torch.load(weights_only=True)``, carrying their config."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,3 +33,15 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a {kind!r} checkpoint (found {found!r})")
     return payload
+
+
+@contextlib.contextmanager
+def restoring(path: str | os.PathLike, kind: str) -> Iterator[None]:
+    """Around rebuilding objects from a loaded payload: what goes wrong there (a missing entry, a config field of the
+    wrong type, a state dict of other shapes) means the file is malformed, so it is raised as a ValueError naming
+    the file rather than as the KeyError or RuntimeError of wherever it surfaced."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise ValueError(f"{path} is a malformed {kind!r} checkpoint ({type(exc).__name__}: {detail})") from exc

@@ -22,7 +22,9 @@ from torch import nn
 
 import rmi_fast as rf
 
-from .models import conv_stack, feature_map_size
+from rmi_fast.checks import check_real
+
+from .models import check_batch, check_conv_config, conv_stack, feature_map_size
 
 #: estimators the paper's system trains with (design §5); DV is the paper's choice.
 ESTIMATORS = ("dv", "jsd", "infonce")
@@ -48,15 +50,9 @@ class CriticConfig:
     scale: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
-        for name in ("in_channels", "image_size", "rep_dim", "kernel", "stride", "width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"CriticConfig.{name} must be a positive integer, got {value!r}")
-        if self.scale is not None and not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ValueError(f"CriticConfig.scale must be None or a positive finite number, got {self.scale!r}")
-        if self.locations < 1:
-            raise ValueError(f"the critic's convolutions leave nothing of a {self.image_size}×{self.image_size} image")
+        check_conv_config(self, ("in_channels", "image_size", "rep_dim", "kernel", "stride", "width"))
+        if self.scale is not None:
+            check_real("CriticConfig.scale", self.scale, positive=True)
 
     @property
     def locations(self) -> int:
@@ -115,6 +111,7 @@ class Critic(nn.Module):
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """Input branch: (B, C, H, W) → (G, B, E), one embedding per location (locations as groups)."""
+        check_batch(x, self.config)
         f = self.features(x)  # (B, c, h, w)
         f = f.flatten(2).permute(2, 0, 1)  # (G, B, c)
         return self.local_block(f)
@@ -136,9 +133,11 @@ class Critic(nn.Module):
         """
         if bound not in ESTIMATORS:
             raise ValueError(f"bound must be one of {list(ESTIMATORS)}, got {bound!r}")
-        if x.dim() != 4 or z.dim() != 2 or x.shape[0] != z.shape[0]:
-            raise ValueError(f"x must be (B, C, H, W) and z (B, d) with the same B, got {tuple(x.shape)} and "
-                             f"{tuple(z.shape)}")
+        check_batch(x, self.config)
+        d = self.config.rep_dim
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape != (x.shape[0], d):
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must be ({x.shape[0]}, {d}): one {d}-d representation per image of x, got {got}")
         local = self.local(x)
         if detach_local:
             local = local.detach()

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from rmi_fast.attacks import apgd, gradient_masking_check, pgd
+from rmi_fast.checks import check_bool, check_int, check_real, check_values
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .models import HEADS, Classifier, Encoder, EncoderConfig, make_head
-from .utils import check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
+from .utils import check_images, check_labels, check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
 
 HEAD_TRAINING = ("standard", "robust")
 CHECKPOINT_KIND = "rmi_fast.robust.classifier"
@@ -37,8 +38,11 @@ class EvalAttack:
     def __post_init__(self):
         if self.kind not in ATTACK_KINDS:
             raise ValueError(f"attack kind must be one of {list(ATTACK_KINDS)}, got {self.kind!r}")
-        if self.kind == "pgd" and not self.alpha > 0:
-            raise ValueError(f"a pgd attack needs alpha > 0, got {self.alpha!r}")
+        check_real("eps", self.eps)
+        check_int("steps", self.steps, 0)
+        check_real("alpha", self.alpha, positive=self.kind == "pgd")
+        check_int("restarts", self.restarts, 1)
+        check_bool("random_start", self.random_start)
 
     def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             generator: torch.Generator | None = None) -> torch.Tensor:
@@ -56,6 +60,7 @@ class EvalAttack:
 def attack_suite(eps: float, alpha: float, steps: int) -> list[EvalAttack]:
     """The paper's PGD, then stronger attacks, weakest first (the order :func:`gradient_masking_check` expects):
     PGD with 4× the steps (step 2.5ε/steps, Madry et al.'s rule) and 5 random restarts, and APGD with 4× the steps."""
+    check_int("steps", steps, 1)
     strong = 4 * steps
     return [
         EvalAttack("pgd", "pgd", eps, steps, alpha),
@@ -85,6 +90,7 @@ class HeadConfig:
         if self.training == "robust" and self.attack is None:
             raise ValueError("robust head training needs an attack")
         check_schedule(self)
+        check_int("hidden", self.hidden, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,9 +105,9 @@ class HeadConfig:
 def train_head(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, config: HeadConfig, *,
                num_classes: int, device: str | torch.device = "cpu", show_progress: bool = False) -> Classifier:
     """Train a head on the frozen ``encoder``: images (N, C, H, W) in [0, 1], labels (N,) int64 → head ∘ g (eval)."""
+    check_images(images, encoder.config)
+    check_labels(labels, images.shape[0], num_classes)
     device = resolve_device(device)
-    if labels.shape != images.shape[:1]:
-        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
     with seeded(config.seed):
         head = make_head(config.head, encoder.config.dim, num_classes, config.hidden)
     model = Classifier(encoder, head).to(device)
@@ -137,6 +143,13 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
     worst: the fraction of samples that every attack fails on (per-sample worst case over the attacks);
     masking_warnings: :func:`rmi_fast.attacks.gradient_masking_check` on [natural, attacks weakest → strongest].
     """
+    if isinstance(model, Classifier):  # any other module: its own forward checks its input
+        check_images(images, model.encoder.config)
+    n = images.shape[0] if isinstance(images, torch.Tensor) else 0
+    if n < 1:
+        raise ValueError("images: need at least one image to evaluate on, got none")
+    check_labels(labels, n, None)  # the upper end once the model's outputs show its number of classes
+    batch_size = check_int("batch_size", batch_size, 1)
     device = resolve_device(device)
     model.eval()
     generator = make_generator(seed, device)
@@ -145,7 +158,10 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
     for idx in minibatches(images.shape[0], batch_size):
         x, y = images[idx].to(device), labels[idx].to(device)
         with torch.no_grad():
-            correct["natural"].append(model(x).argmax(1) == y)
+            logits = model(x)
+        classes = logits.shape[-1]
+        check_values((y < classes).all(), f"labels must lie in [0, {classes}): the model has {classes} outputs")
+        correct["natural"].append(logits.argmax(1) == y)
         for a in attacks:
             x_adv = a.run(model, x, y, generator)
             with torch.no_grad():
@@ -172,10 +188,12 @@ def save_classifier(path, model: Classifier, config: HeadConfig, *, dataset: str
 def load_classifier(path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     """(head ∘ g in eval mode on ``device``, {"dataset", "num_classes", "head_config"}) from :func:`save_classifier`."""
     payload = load_checkpoint(path, CHECKPOINT_KIND)
-    config = HeadConfig.from_dict(payload["head_config"])
-    encoder = Encoder(EncoderConfig(**payload["encoder_config"]))
-    encoder.load_state_dict(payload["encoder"])
-    head = make_head(config.head, encoder.config.dim, payload["num_classes"], config.hidden)
-    head.load_state_dict(payload["head"])
-    model = Classifier(encoder, head).to(resolve_device(device)).eval()
-    return model, {"dataset": payload["dataset"], "num_classes": payload["num_classes"], "head_config": config}
+    with restoring(path, CHECKPOINT_KIND):
+        config = HeadConfig.from_dict(payload["head_config"])
+        encoder = Encoder(EncoderConfig(**payload["encoder_config"]))
+        encoder.load_state_dict(payload["encoder"])
+        num_classes = check_int("num_classes", payload["num_classes"], 2)
+        head = make_head(config.head, encoder.config.dim, num_classes, config.hidden)
+        head.load_state_dict(payload["head"])
+        meta = {"dataset": payload["dataset"], "num_classes": num_classes, "head_config": config}
+    return Classifier(encoder, head).to(resolve_device(device)).eval(), meta

@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from rmi_fast.checks import check_int, check_real
+
 from .critics import Critic, CriticConfig
-from .utils import check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
+from .utils import check_images, check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
 from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
 
 
@@ -59,10 +61,8 @@ class MIEstimate:
 def adversarial_accuracy_bound(mi_worst: float, num_classes: int) -> float:
     """Theorem 3.4: with uniform labels over |Y| classes, every downstream classifier's adversarial accuracy is at
     most (I_worst + ln 2) / ln |Y| (MI in nats). Not clipped to 1: a value ≥ 1 means the bound is vacuous."""
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
-    if not math.isfinite(mi_worst):
-        raise ValueError(f"mi_worst must be finite, got {mi_worst!r}")
+    num_classes = check_int("num_classes", num_classes, 2)
+    mi_worst = check_real("mi_worst", mi_worst, allow_negative=True)
     return (mi_worst + math.log(2.0)) / math.log(num_classes)
 
 
@@ -70,6 +70,7 @@ def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfi
                device: str | torch.device = "cpu", show_progress: bool = False) -> Critic:
     """Train a fresh critic on the frozen ``encoder`` over ``images`` (N, C, H, W): clean batches, or (worst_case)
     batches re-attacked against the current critic at every step. Returns the critic in eval mode."""
+    check_images(images, config.critic, at_least=2)
     device = resolve_device(device)
     n = images.shape[0]
     batch = min(config.batch_size, n)
@@ -101,6 +102,7 @@ def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfi
 def evaluate_mi(encoder: nn.Module, critic: Critic, images: torch.Tensor, config: EstimationConfig, *,
                 worst_case: bool, device: str | torch.device = "cpu") -> float:
     """Mean of the critic's bound over the full batches of ``images``, clean or worst-case (against this critic)."""
+    check_images(images, config.critic, at_least=2)
     device = resolve_device(device)
     n = images.shape[0]
     batch = min(config.batch_size, n)
@@ -119,6 +121,8 @@ def evaluate_mi(encoder: nn.Module, critic: Critic, images: torch.Tensor, config
 def estimate_mi(encoder: nn.Module, fit_images: torch.Tensor, eval_images: torch.Tensor, config: EstimationConfig,
                 *, device: str | torch.device = "cpu", show_progress: bool = False) -> MIEstimate:
     """Algorithm 2: natural and worst-case MI of a frozen encoder (a fresh critic for each), and so its RV."""
+    check_images(fit_images, config.critic, name="fit_images", at_least=2)  # both before the first fit
+    check_images(eval_images, config.critic, name="eval_images", at_least=2)
     estimates = {}
     for worst in (False, True):
         critic = fit_critic(encoder, fit_images, config, worst_case=worst, device=device, show_progress=show_progress)

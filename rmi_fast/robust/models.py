@@ -6,10 +6,13 @@ connected layers of 1024 and 64 units; the 64-d output is the representation. He
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from rmi_fast.checks import check_int
 
 HEADS = ("linear", "mlp")
 
@@ -32,17 +35,7 @@ class EncoderConfig:
     dim: int = 64
 
     def __post_init__(self):
-        object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
-        for name in ("in_channels", "image_size", "kernel", "stride", "hidden", "dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EncoderConfig.{name} must be a positive integer, got {value!r}")
-        if not self.conv_channels or min(self.conv_channels) < 1:
-            raise ValueError(f"EncoderConfig.conv_channels must be a non-empty tuple of positive integers, "
-                             f"got {self.conv_channels!r}")
-        if feature_map_size(self.image_size, len(self.conv_channels), self.kernel, self.stride) < 1:
-            raise ValueError(f"{len(self.conv_channels)} convolutions of kernel {self.kernel}, stride {self.stride} "
-                             f"leave nothing of a {self.image_size}×{self.image_size} image")
+        check_conv_config(self, ("in_channels", "image_size", "kernel", "stride", "hidden", "dim"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +47,33 @@ def feature_map_size(size: int, layers: int, kernel: int, stride: int) -> int:
     for _ in range(layers):
         size = (size + 2 * pad - kernel) // stride + 1
     return size
+
+
+def check_conv_config(config, sizes: tuple[str, ...]) -> None:
+    """What the encoder's and the critic's configs share: the fields ``sizes`` are positive integers,
+    ``conv_channels`` a non-empty sequence of them (stored as a tuple), and the convolutions leave at least one
+    location of the image."""
+    owner = type(config).__name__
+    for name in sizes:
+        check_int(f"{owner}.{name}", getattr(config, name), 1)
+    channels = config.conv_channels
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Iterable):
+        raise TypeError(f"{owner}.conv_channels must be a sequence of positive integers, got {channels!r}")
+    channels = tuple(check_int(f"{owner}.conv_channels[{i}]", c, 1) for i, c in enumerate(channels))
+    if not channels:
+        raise ValueError(f"{owner}.conv_channels must hold at least one convolution's channels, got ()")
+    object.__setattr__(config, "conv_channels", channels)
+    if feature_map_size(config.image_size, len(channels), config.kernel, config.stride) < 1:
+        raise ValueError(f"{owner}: {len(channels)} convolutions of kernel {config.kernel}, stride {config.stride} "
+                         f"leave nothing of a {config.image_size}×{config.image_size} image")
+
+
+def check_batch(x: torch.Tensor, config, name: str = "x") -> None:
+    """x must be a (B, C, H, W) tensor of the config's channels and image size (shape only: free on any device)."""
+    want = (config.in_channels, config.image_size, config.image_size)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a (B, {want[0]}, {want[1]}, {want[2]}) batch of images, got {got}")
 
 
 def conv_stack(in_channels: int, channels: tuple[int, ...], kernel: int, stride: int) -> nn.Sequential:
@@ -95,6 +115,7 @@ class Encoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, self.config)
         return self.mlp(self.features(x))
 
 

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .critics import Critic, CriticConfig
 from .models import Encoder, EncoderConfig
-from .utils import check_schedule, epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
+from .utils import check_images, check_schedule, epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
 from .worst_case import AttackConfig, MIConfig, global_mean, mi_estimate, worst_case_batch
 
 MODES = ("infomax", "worst-case")
@@ -126,7 +126,7 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
     Batches are full (a short last batch is dropped: the bound depends on B); an epoch has N // batch_size steps.
     """
     device = resolve_device(device)
-    _check_images(images, config.encoder)
+    check_images(images, config.encoder, at_least=2)
     n = images.shape[0]
     batch = min(config.batch_size, n)
     rank, world = _data_parallel(distributed)
@@ -144,7 +144,7 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
     generator = make_generator(config.seed, device)
     step, history = 0, []
     if checkpoint is not None and resume and os.path.exists(checkpoint):
-        step, history = _restore(checkpoint, config, encoder, critic, optimizer, generator)
+        step, history = _restore(checkpoint, config, total, encoder, critic, optimizer, generator)
     models = (encoder, critic)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -176,9 +176,10 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Encoder, EncoderTrainConfig]:
     """The encoder of an encoder checkpoint (eval mode, on ``device``) and the config it was trained with."""
     payload = load_checkpoint(path, CHECKPOINT_KIND)
-    config = EncoderTrainConfig.from_dict(payload["config"])
-    encoder = Encoder(config.encoder)
-    encoder.load_state_dict(payload["encoder"])
+    with restoring(path, CHECKPOINT_KIND):
+        config = EncoderTrainConfig.from_dict(payload["config"])
+        encoder = Encoder(config.encoder)
+        encoder.load_state_dict(payload["encoder"])
     return encoder.to(resolve_device(device)).eval(), config
 
 
@@ -239,15 +240,6 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def _check_images(images: torch.Tensor, enc: EncoderConfig) -> None:
-    want = (enc.in_channels, enc.image_size, enc.image_size)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != want:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a (N, {want[0]}, {want[1]}, {want[2]}) tensor, got {shape}")
-    if images.shape[0] < 2:
-        raise ValueError(f"need at least 2 images (the bounds need negatives), got {images.shape[0]}")
-
-
 def _save(path, config, encoder, critic, optimizer, generator, step, total, history) -> None:
     save_checkpoint(path, {
         "config": config.to_dict(),
@@ -261,14 +253,24 @@ def _save(path, config, encoder, critic, optimizer, generator, step, total, hist
     }, CHECKPOINT_KIND)
 
 
-def _restore(path, config, encoder, critic, optimizer, generator) -> tuple[int, list[float]]:
+def _restore(path, config, total, encoder, critic, optimizer, generator) -> tuple[int, list[float]]:
     payload = load_checkpoint(path, CHECKPOINT_KIND)
-    saved = EncoderTrainConfig.from_dict(payload["config"])
+    with restoring(path, CHECKPOINT_KIND):
+        saved = EncoderTrainConfig.from_dict(payload["config"])
+        step, history, saved_total = payload["step"], payload["history"], payload["total_steps"]
+        if not (isinstance(step, int) and isinstance(saved_total, int) and 0 <= step <= saved_total
+                and isinstance(history, torch.Tensor) and history.shape == (step,)):
+            raise ValueError(f"step {step!r} of {saved_total!r} with a history of shape "
+                             f"{tuple(getattr(history, 'shape', ()))}: they must agree")
     if saved != config:
         raise ValueError(f"{path} holds a run with a different config; use another checkpoint path or resume=False "
                          f"(saved: {saved}, requested: {config})")
-    encoder.load_state_dict(payload["encoder"])
-    critic.load_state_dict(payload["critic"])
-    optimizer.load_state_dict(payload["optimizer"])
-    generator.set_state(payload["attack_rng"])
-    return int(payload["step"]), payload["history"].tolist()
+    if saved_total != total:  # same config, other data: its steps would stand for other epochs and batches
+        raise ValueError(f"{path} holds a run of {saved_total} steps where this one takes {total} (a different number "
+                         "of images?); use another checkpoint path or resume=False")
+    with restoring(path, CHECKPOINT_KIND):
+        encoder.load_state_dict(payload["encoder"])
+        critic.load_state_dict(payload["critic"])
+        optimizer.load_state_dict(payload["optimizer"])
+        generator.set_state(payload["attack_rng"])
+    return step, history.tolist()

@@ -6,6 +6,10 @@ from collections.abc import Iterator
 
 import torch
 
+from rmi_fast.checks import check_int, check_real, check_values
+
+from .models import check_batch
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -32,13 +36,50 @@ def seeded(seed: int):
 
 def check_schedule(config) -> None:
     """Validate the optimisation schedule shared by every training config: positive integer epochs and batch_size,
-    and a positive lr."""
-    for name in ("epochs", "batch_size"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    a positive finite lr and a seed that torch.manual_seed takes."""
+    check_int("epochs", config.epochs, 1)
+    check_int("batch_size", config.batch_size, 1)
+    check_real("lr", config.lr, positive=True)
+    check_seed(config.seed)
+
+
+def check_seed(seed) -> int:
+    """A seed in [0, 2⁶³): what a torch.Generator takes, with room for the per-epoch seeds derived from it."""
+    seed = check_int("seed", seed, 0)
+    if seed >= 2**63:
+        raise ValueError(f"seed must be below 2**63, got {seed}")
+    return seed
+
+
+def check_images(images, spec, *, name: str = "images", at_least: int = 1) -> None:
+    """``images`` must be a float32 (N, C, H, W) tensor of ``spec``'s channels and side (an EncoderConfig or
+    CriticConfig), N ≥ ``at_least``, every value in [0, 1]: what the datasets load and the box the attacks keep to.
+    The value check does not stall a GPU (see :func:`rmi_fast.checks.check_values`)."""
+    check_batch(images, spec, name)
+    if images.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (the models' dtype), got {images.dtype}")
+    if images.shape[0] < at_least:
+        need = " (the bounds need negatives)" if at_least > 1 else ""
+        raise ValueError(f"{name}: need at least {at_least} images{need}, got {images.shape[0]}")
+    check_values(((images >= 0) & (images <= 1)).all(), f"{name} must lie in [0, 1] (and hold no NaN)",
+                 lambda: f"; they span [{images.min().item():.4g}, {images.max().item():.4g}]")
+
+
+def check_labels(labels, n: int, num_classes: int | None) -> None:
+    """``labels`` must be an integer (n,) tensor of class indices in [0, num_classes) (≥ 0 when num_classes is None,
+    for a model whose number of classes shows only in its output)."""
+    if num_classes is not None:
+        check_int("num_classes", num_classes, 2)
+    if not isinstance(labels, torch.Tensor) or labels.dtype == torch.bool or labels.is_floating_point() \
+            or labels.is_complex():
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of class indices, got {got}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},): one per image, got {tuple(labels.shape)}")
+    if labels.numel():
+        top = labels.max() < num_classes if num_classes is not None else True
+        check_values((labels.min() >= 0) & top, f"labels must lie in [0, {num_classes or 'the number of classes'})",
+                     lambda: f"; they span [{labels.min().item()}, {labels.max().item()}]")
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

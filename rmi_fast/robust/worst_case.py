@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from rmi_fast import backends
+from rmi_fast.checks import check_bool, check_int, check_real
+
 from .critics import ESTIMATORS
 
 
@@ -41,6 +44,8 @@ class MIConfig:
             raise ValueError(f"diagonal must be 'exclude' or 'zero', got {self.diagonal!r}")
         if self.bound == "infonce" and self.diagonal == "zero":
             raise ValueError("diagonal='zero' applies to the dv and jsd estimators, not infonce")
+        if self.backend != "auto" and self.backend not in backends.names():
+            raise ValueError(f"backend must be 'auto' or one of {backends.names()}, got {self.backend!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +69,12 @@ class AttackConfig:
     through_input_branch: bool = False
 
     def __post_init__(self):
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be ≥ 0, got {self.eps!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
-        if not isinstance(self.restarts, int) or self.restarts < 1:
-            raise ValueError(f"restarts must be a positive integer, got {self.restarts!r}")
+        check_real("eps", self.eps)
+        check_real("alpha", self.alpha, positive=True)
+        check_int("steps", self.steps, 0)
+        check_int("restarts", self.restarts, 1)
+        check_bool("random_start", self.random_start)
+        check_bool("through_input_branch", self.through_input_branch)
 
     @property
     def active(self) -> bool:
