@@ -381,8 +381,9 @@ def test_files_spread_over_folders_are_named(tmp_path):
         load_dataset("mnist", "train", data_dir=tmp_path)
 
 
-def test_a_split_without_images_is_refused(tmp_path):
-    _write_cifar(tmp_path, np.random.default_rng(8), n=0)
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_split_without_images_is_refused(tmp_path, protocol):
+    _write_cifar(tmp_path, np.random.default_rng(8), n=0, protocol=protocol)  # protocol 2 pickles b"" as bytes()
     with pytest.raises(ValueError, match="test split: its files in .* hold no images"):
         load_dataset("cifar10", "test", data_dir=tmp_path)
 

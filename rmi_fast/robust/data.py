@@ -283,7 +283,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
     _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
-                ("_codecs", "encode")}  # how Python 3 writes bytes in pickle protocols 0-2
+                ("_codecs", "encode"),  # how Python 3 writes bytes in pickle protocols 0-2
+                ("__builtin__", "bytes"), ("builtins", "bytes")}  # ... and empty bytes (an empty array's buffer)
 
     def find_class(self, module, name):
         canonical = module.replace("numpy._core", "numpy.core")
@@ -291,6 +292,8 @@ class _CifarUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
         if module == "_codecs":
             return codecs.encode
+        if name == "bytes":
+            return bytes
         if module == "numpy":
             return getattr(np, name)
         submodule = canonical.rsplit(".", 1)[1]
