@@ -107,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.bench(device=device, quick=args.quick, scaling=args.scaling, case_patterns=args.cases,
                     impl_patterns=args.impls, passes=args.passes, repeats=args.repeats, warmup=args.warmup,
                     max_time_s=args.max_time, memory=not args.no_memory, seed=args.seed, json_path=args.json,
-                    plot_path=args.plot, markdown_path=args.markdown, command=sys.argv)
+                    append=args.append, plot_path=args.plot, markdown_path=args.markdown, command=sys.argv)
     except ValueError as exc:
         raise SystemExit(f"rmi-fast bench: error: {exc}") from None
     return 0
@@ -136,6 +136,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     p.add_argument("--json", metavar="FILE", help="write the report (device, versions, rows) as JSON")
+    p.add_argument("--append", action="store_true",
+                   help="add to the --json report of an earlier run on this device (rows measured again replace "
+                        "theirs): a suite run in parts")
     p.add_argument("--plot", type=_png, metavar="FILE.png",
                    help="speedups over eager; with --scaling, time and memory against B and D")
     p.add_argument("--markdown", metavar="FILE",

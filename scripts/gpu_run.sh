@@ -3,11 +3,15 @@
 #   1. a venv (/tmp/rmi_fast_gpu_venv) on top of the machine's own CUDA torch (or, failing that, torch wheels carried in .whl/),
 #      plus the peer libraries carried as wheels in .whl/ (memeff, inf-cl, cut-cross-entropy);
 #   2. the compiled module built with CUDA for this GPU's architecture;
-#   3. the GPU tests (pytest -m gpu) with a JUnit XML;
-#   4. the GPU benchmarks (rmi-fast bench --device cuda: the design's cases first, then the rest) → JSON, PNG, markdown;
-#   5. the scaling curves (symmetric infonce_loss against B and D) → JSON, PNG.
-# Everything lands in $OUT (default ./gpu_out): gpu_run.log (every step's output and status), junit_gpu*.xml,
-# bench_gpu.json/.png/.md, bench_gpu_scaling.json/.png. A failing step is logged and the script goes on.
+#   3. the GPU tests (pytest -m gpu, 4 processes where pytest-xdist is installed) with a JUnit XML;
+#   4. the GPU benchmarks of the design's cases, forward+backward (rmi-fast bench --device cuda: the B = 65536 cases
+#      against eager and the peers, then the paper's critic shape and the training step against torch.compile too)
+#      → JSON, PNG, markdown;
+#   5. the scaling curves (symmetric infonce_loss against B and D) with the time left → JSON, PNG.
+# Everything lands in $OUT (default ./gpu_out), 7 files: gpu_run.log (every step's output and status),
+# junit_gpu.xml, bench_gpu.json/.png/.md, bench_gpu_scaling.json/.png. A failing step is logged and the script
+# goes on; a step stopped by its time limit keeps what it wrote (the JSON is rewritten after every case, and pytest
+# is interrupted, not killed, so that it writes its report).
 # The second mode, tune, runs steps 1–2 and then `rmi-fast tune --device cuda` → tune_gpu.json (every measurement)
 # and tuned_<device key>.json (the dispatch table: commit it as rmi_fast/tuned/<device key>.json, the report under
 # benchmarks/results/).
@@ -17,11 +21,14 @@
 #   bash scripts/gpu_run.sh --fetch-wheels   here, with internet: download the wheels the GPU machine needs into .whl/
 #
 # Environment: RMI_FAST_GPU_BUDGET_S (total seconds, default 540), RMI_FAST_CUDA_ARCH (default: the device's, e.g. 90),
-# PYTHON (the interpreter that holds torch; default python3), RMI_FAST_BENCH_CASES (override --cases of step 4).
+# PYTHON (the interpreter that holds torch; default python3), RMI_FAST_BENCH_CASES (step 4 runs these case patterns
+# instead, every implementation, in one go).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PEER_WHEELS=(memeff inf-cl cut-cross-entropy)
+PEER_WHEELS="memeff inf-cl cut-cross-entropy"
+# the versions whose adapters tests/test_bench_peers.py checks against ours
+PEER_PINS="memeff==0.3.1 inf-cl==1.2.1 cut-cross-entropy==25.1.1"
 
 fetch_wheels() {
   # Pure-Python wheels: one version each. Their needs (torch, triton, numpy) are on the GPU image already.
@@ -29,7 +36,7 @@ fetch_wheels() {
   mkdir -p .whl
   "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "${PEER_WHEELS[@]}" || return 1
+    -d .whl $PEER_PINS || return 1
   ls -l .whl
   echo "now carry .whl in the device run (carry: [\".whl\"]) and run: bash scripts/gpu_run.sh"
 }
@@ -53,8 +60,10 @@ export PYTHONUNBUFFERED=1
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# step NAME MAX_SECONDS COMMAND...: run with a time limit (capped by what is left, keeping RESERVE seconds for the
-# steps after it), log output and status; never stops the script.
+# step NAME MAX_SECONDS FUNCTION ARGS...: run a function of this script with a time limit (capped by what is left,
+# keeping RESERVE seconds for the steps after it), log output and status; never stops the script. timeout(1) runs
+# programs, not shell functions: the function runs in a child bash that inherits the functions and variables
+# exported below, and knows its own limit as STEP_LIMIT.
 RESERVE=0
 step() {
   local name=$1 max=$2
@@ -69,7 +78,7 @@ step() {
   echo "=== [$(date +%T)] $name (limit ${limit}s)" | tee -a "$LOG"
   local t0 rc
   t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  STEP_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" >>"$LOG" 2>&1
   rc=$?
   local status=ok
   [ $rc -eq 124 ] && status="TIMED OUT"
@@ -114,7 +123,7 @@ make_venv() {
     probe_torch "$PY" || return 1
   fi
   local wheels=()
-  for name in "${PEER_WHEELS[@]}"; do
+  for name in $PEER_WHEELS; do
     local f
     f=$(ls .whl/"${name//-/_}"-*.whl 2>/dev/null | head -1)
     if [ -n "$f" ]; then wheels+=("$f"); else echo "peer $name: no wheel in .whl/ (run --fetch-wheels here first)"; fi
@@ -137,24 +146,32 @@ build() {
 }
 
 # ------------------------------------------------------------------------------------------------- 3 – 5. run all
-# Two runs, each with its own JUnit XML (pytest writes it only when a run ends, so a run stopped by its limit loses
-# its report): the CUDA kernels' tests, then every other GPU test. Each test is capped where pytest-timeout exists.
+# One pytest run over every GPU test, in 4 processes where pytest-xdist exists (Triton compiles each new kernel on
+# the CPU, about a second each). It is interrupted (SIGINT) shortly before the step's limit, so that it still writes
+# the JUnit XML of what it ran; each test is capped where pytest-timeout exists.
 gpu_tests() {
-  local cap=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && cap=(--timeout=90)
-  local rc=0
-  "$PY" -m pytest tests/test_cuda.py -m gpu -q -p no:cacheprovider "${cap[@]}" --junitxml="$OUT/junit_gpu_cuda.xml" || rc=$?
-  "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${cap[@]}" --ignore=tests/test_cuda.py \
-    --junitxml="$OUT/junit_gpu.xml" || rc=$?
-  return $rc
+  local extra=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=90)
+  "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 4)
+  local limit=$((STEP_LIMIT > 40 ? STEP_LIMIT - 20 : STEP_LIMIT / 2))
+  timeout -s INT --kill-after=15 "$limit" \
+    "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${extra[@]}" --junitxml="$OUT/junit_gpu.xml"
 }
 
+# The design's cases, forward+backward, into one report: first the B = 65536 ones against eager and the peers
+# (torch.compile of a B×B formula at that size takes minutes to build), then the critic shape and the training step
+# with torch.compile as well. RMI_FAST_BENCH_CASES: these case patterns instead, every implementation.
 BENCH_CASES=${RMI_FAST_BENCH_CASES:-}
 bench() {
-  local extra=()
-  [ -n "$BENCH_CASES" ] && extra=(--cases "$BENCH_CASES")
-  "$PY" -m rmi_fast.cli bench --device cuda --max-time 2 "${extra[@]}" \
-    --json "$OUT/bench_gpu.json" --plot "$OUT/bench_gpu.png" --markdown "$OUT/bench_gpu.md"
+  local common=(--device cuda --passes fwd+bwd --max-time 2 --json "$OUT/bench_gpu.json" --append)
+  if [ -n "$BENCH_CASES" ]; then
+    "$PY" -m rmi_fast.cli bench "${common[@]}" --cases "$BENCH_CASES" || return
+  else
+    "$PY" -m rmi_fast.cli bench "${common[@]}" --cases 'clip/*,nwj/*,jsd/*' \
+      --impls 'rmi_fast*,eager,memeff,inf-cl,cut-cross-entropy,gemm-x4' || return
+    "$PY" -m rmi_fast.cli bench "${common[@]}" --cases 'dv/*,train_step/*' || return
+  fi
+  render "$OUT/bench_gpu.json" "$OUT/bench_gpu.png" "$OUT/bench_gpu.md"
 }
 
 scaling() {
@@ -188,6 +205,10 @@ finish() {
   exit 0
 }
 
+# what the steps' child shells need (see step)
+export -f left probe_torch pipv make_venv build gpu_tests bench scaling tune render
+export PEER_WHEELS BASE_PY VENV PY OUT LOG START BUDGET BENCH_CASES
+
 echo "rmi_fast GPU run ($MODE): budget ${BUDGET}s, output in $OUT" | tee -a "$LOG"
 RESERVE=400 step "venv" 90 make_venv
 [ -x "$PY" ] || { echo "no venv: going on with $BASE_PY" | tee -a "$LOG"; PY=$BASE_PY; }
@@ -196,9 +217,9 @@ if [ "$MODE" = tune ]; then
   RESERVE=0 step "tune" "$BUDGET" tune
   finish
 fi
-RESERVE=240 step "GPU tests" 150 gpu_tests
-RESERVE=70 step "benchmarks" 400 bench || RESERVE=0 step "render benchmarks" 40 render "$OUT/bench_gpu.json" \
+RESERVE=220 step "GPU tests" 180 gpu_tests
+RESERVE=40 step "benchmarks" 240 bench || RESERVE=0 step "render benchmarks" 30 render "$OUT/bench_gpu.json" \
   "$OUT/bench_gpu.png" "$OUT/bench_gpu.md"
-RESERVE=15 step "scaling" 300 scaling || RESERVE=0 step "render scaling" 30 render "$OUT/bench_gpu_scaling.json" \
+RESERVE=15 step "scaling" 300 scaling || RESERVE=0 step "render scaling" 20 render "$OUT/bench_gpu_scaling.json" \
   "$OUT/bench_gpu_scaling.png"
 finish

@@ -65,6 +65,32 @@ def test_rerender_from_json(quick_run, tmp_path, capsys):
     assert (tmp_path / "t.md").read_text().count("| nwj/B2048/D128/fp32 |") >= 1
 
 
+def test_append_continues_an_earlier_report(quick_run, tmp_path):
+    """A suite run in parts: the earlier rows stay, the case run again replaces its own rows, the new case is added;
+    a report of another device is refused."""
+    _, files = quick_run
+    report = tmp_path / "parts.json"
+    report.write_text(files["json"].read_text())
+    earlier = json.loads(report.read_text())["rows"]
+    argv = ["bench", "--quick", "--impls", "rmi_fast[torch],eager", "--repeats", "2", "--max-time", "0.5",
+            "--no-memory", "--json", str(report), "--append"]
+    assert cli.main([*argv, "--cases", "infonce"]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert rows[:len(earlier)] == earlier and {r["case"] for r in rows[len(earlier):]} == {"infonce/B2048/D128/fp32"}
+    assert cli.main([*argv, "--cases", "nwj"]) == 0
+    again = json.loads(report.read_text())
+    keys = [(r["case"], r["impl"], r["pass"]) for r in again["rows"]]
+    assert len(keys) == len(set(keys)) == len(rows)
+    kept = [r for r in again["rows"] if r["impl"] == "gemm-x4"]  # not measured again: the earlier row
+    assert kept == [r for r in earlier if r["impl"] == "gemm-x4"]
+    assert len(again["commands"]) == 3
+    other = json.loads(report.read_text())
+    other["device"] = "another machine"
+    report.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="--append: .* holds a run on 'another machine'"):
+        cli.main([*argv, "--cases", "nwj"])
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda r: r.update(rows=[1, 2]), "rows[0] must be an object, got int"),
     (lambda r: r["rows"][1].pop("impl"), "rows[1] needs a string 'impl', got None"),

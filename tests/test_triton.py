@@ -317,6 +317,22 @@ def test_whole_plan_cuts_batches_beyond_its_tile():
         _close(got, want)
 
 
+def test_plans_keep_their_chunks_within_the_grid(monkeypatch):
+    """Grid axis 1 holds (group, chunk): a chosen plan whose chunks would take it past 65535 programs gets fewer (or
+    none), an explicit one is refused."""
+    from rmi_fast import tuning
+    from rmi_fast.triton.backward import Plan, resolve_plan
+
+    spec = PairSpec("row_sum", transform="softplus", diagonal="exclude")
+    x, row = torch.randn(1, 64, 16), torch.randn(1, 64, 16)
+    y = row.expand(20000, 64, 16)  # groups as a stride-0 view: no memory
+    monkeypatch.setattr(tuning, "triton_plan", lambda *args: ("split", 4))
+    assert resolve_plan(x, y, spec, None) == Plan("split", 3)  # 3 · 20000 ≤ 65535
+    assert resolve_plan(x, row.expand(40000, 64, 16), spec, None) == Plan("two_pass")
+    with pytest.raises(ValueError, match="needs 80000 programs on grid axis 1, more than 65535"):
+        resolve_plan(x, y, spec, Plan("split", 4))
+
+
 # ---------------------------------------------------------------------------------------- determinism, precision
 
 @pytest.mark.parametrize("bound", ["infonce", "jsd"])

@@ -27,10 +27,13 @@ def _selected(device: str, quick: bool, scaling: bool, patterns) -> list:
 def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, case_patterns=None,
           impl_patterns=None, passes=None, repeats: int | None = None, warmup: int | None = None,
           max_time_s: float | None = None, memory: bool = True, seed: int = 0, json_path: str | None = None,
-          plot_path: str | None = None, markdown_path: str | None = None, command=None, echo=print) -> dict:
+          append: bool = False, plot_path: str | None = None, markdown_path: str | None = None, command=None,
+          echo=print) -> dict:
     """Run a suite and print its table; write the JSON (after every case), the PNG and the markdown table.
 
     device "cpu" or "cuda[:i]"; quick: the short CPU suite; scaling: the B and D sweeps (plot = scaling curves).
+    append: keep the rows of an existing ``json_path`` report of this device, but those measured again (a suite run
+    in parts; the table, markdown and plot show them all).
     Raises ValueError for a selection that matches nothing.
     """
     from . import report, runner
@@ -51,7 +54,7 @@ def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, ca
         repeats=repeats if repeats is not None else (5 if quick or scaling else 10),
         warmup=warmup if warmup is not None else (3 if device.startswith("cuda") else 1),
         max_time_s=max_time_s if max_time_s is not None else (3.0 if quick else 10.0),
-        memory=memory, seed=seed, json_path=json_path, suite=suite, command=list(command or []))
+        memory=memory, seed=seed, json_path=json_path, append=append, suite=suite, command=list(command or []))
     result = runner.run(selected, opts)
     echo(report.table(result))
     if markdown_path:

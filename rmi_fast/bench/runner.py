@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import env, measure
+from . import env, measure, report
 from .cases import Case, make_inputs
 from .impls import Impl, Ours, baseline_name, for_case, matches
 
@@ -43,6 +43,7 @@ class Options:
     memory: bool = True
     seed: int = 0
     json_path: str | None = None
+    append: bool = False
     suite: str = ""
     command: list[str] = field(default_factory=list)
 
@@ -137,6 +138,17 @@ class Runner:
         self.report = {"device": self.info["name"], "device_info": self.info, "versions": env.versions(),
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "suite": opts.suite, "command": opts.command, "rows": []}
+        if opts.append and opts.json_path and Path(opts.json_path).exists():
+            self._adopt(report.load(opts.json_path))
+
+    def _adopt(self, earlier: dict) -> None:
+        """Continue an earlier report of this device (``--append``): its rows stay, but those measured again."""
+        if earlier.get("device") != self.info["name"]:
+            raise ValueError(f"--append: {self.opts.json_path} holds a run on {earlier.get('device')!r}, this one is "
+                             f"on {self.info['name']!r}")
+        self.report["rows"] = earlier["rows"]
+        commands = earlier.get("commands") or [earlier.get("command", [])]
+        self.report["commands"] = commands + [self.opts.command]
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self, cases: list[Case], on_case: Callable[[list[dict]], None] | None = None) -> dict:
@@ -144,7 +156,9 @@ class Runner:
         for k, case in enumerate(cases, 1):
             _progress(f"[{k}/{len(cases)}] {case.name}")
             rows = self.run_case(case)
-            self.report["rows"].extend(rows)
+            fresh = {(r["case"], r["impl"], r["pass"]) for r in rows}
+            self.report["rows"] = [r for r in self.report["rows"] if (r["case"], r["impl"], r["pass"]) not in fresh]
+            self.report["rows"] += rows
             self.save()
             if on_case:
                 on_case(rows)

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
+from ..backends import CUDA_MAX_GRID_YZ
 from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, mma, \
     SMS, score_tile, stat_buffer, tile_config, whole_max_rows
 
@@ -424,6 +425,7 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
     table, :mod:`rmi_fast.tuning`), else :func:`choose_plan`'s for these shapes."""
     G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
     whole_max = whole_max_rows(x.device, x.dtype)
+    chosen = plan is None
     if plan is None:
         cfg = tile_config(D, x.device, x.dtype)
         measured = tuning.triton_plan(x, y, spec)
@@ -440,6 +442,12 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
             raise ValueError(f"the 'whole' backward variant has no tile for {x.dtype} inputs here (fp32 without TF32 "
                              "multiplies on the FMA units, whose operand tiles would not fit its registers)")
         plan = Plan("whole", max(plan.split, whole_chunks(Bx, By, whole_max)))
+    if G * plan.split > CUDA_MAX_GRID_YZ:  # grid axis 1 holds (group, chunk): a CUDA grid's y side is 65535 at most
+        if not chosen:
+            raise ValueError(f"{plan} over {G} groups needs {G * plan.split} programs on grid axis 1, more than "
+                             f"{CUDA_MAX_GRID_YZ}")
+        fewer = CUDA_MAX_GRID_YZ // G
+        plan = Plan("split", fewer) if plan.variant == "split" and fewer > 1 else Plan("two_pass")
     return plan
 
 
