@@ -198,7 +198,8 @@ _HEAD = HeadConfig(head="linear", epochs=1, batch_size=8)
     (lambda: adversarial_accuracy_bound("0.5", 10), TypeError, "mi_worst must be a real number"),
     # images: the model's shape, float32, values in [0, 1], enough of them; checked before any work
     (lambda: train_encoder(_config(), _images(16).double()), TypeError, "images must be float32"),
-    (lambda: train_encoder(_config(mode="infomax"), _nan_image()), ValueError, "images must lie in [0, 1] (and hold no"),
+    (lambda: train_encoder(_config(mode="infomax"), _nan_image()), ValueError,
+     "images must lie in [0, 1] (and hold no NaN)"),
     (lambda: train_encoder(_config(), _images(16) * 2), ValueError, "they span [0"),
     (lambda: train_encoder(_config(), _images(1)), ValueError, "need at least 2 images"),
     (lambda: estimate_mi(_models()[0], _images(16), torch.rand(16, 1, 16, 16), _EST), ValueError,
@@ -272,3 +273,31 @@ def test_malformed_checkpoints_name_the_file(tmp_path):
     torch.save(payload, tmp_path / "clf-nohead.pt")
     with pytest.raises(ValueError, match=r"clf-nohead.pt is a malformed 'rmi_fast.robust.classifier' checkpoint"):
         load_classifier(tmp_path / "clf-nohead.pt")
+
+
+def test_attack_objective_ranks_every_misclassified_point_first():
+    """Over random logits: the objective of any misclassified point exceeds that of any correctly classified one
+    (however high its CE), and its gradient is the cross-entropy's."""
+    from rmi_fast.robust.downstream import attack_objective
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4000, 5, generator=g) * torch.rand(4000, 1, generator=g) * 6).requires_grad_()
+    y = torch.randint(0, 5, (4000,), generator=g)
+    value = attack_objective(logits, y)
+    missed = logits.argmax(1) != y
+    assert 0 < missed.sum() < 4000
+    assert value[missed].min() > value[~missed].max()
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert (ce[~missed].max() > ce[missed].min())  # plain CE would rank some misclassified points below correct ones
+    grad, = torch.autograd.grad(value.sum(), logits)
+    torch.testing.assert_close(grad, torch.autograd.grad(ce.sum(), logits)[0])
+
+
+def test_estimation_gives_the_encoder_back_as_it_was():
+    """Estimating MI mid-training must not freeze the encoder: its train mode and parameter flags come back."""
+    enc, _ = _models()
+    enc.train()
+    enc.mlp[-1].bias.requires_grad_(False)  # a parameter the caller froze stays frozen
+    estimate_mi(enc, _images(16), _images(16, seed=1), _EST)
+    assert enc.training and all(m.training for m in enc.modules())
+    assert [p.requires_grad for p in enc.parameters()] == [p is not enc.mlp[-1].bias for p in enc.parameters()]

@@ -6,6 +6,7 @@ the inner max by per-sample PGD from a random start (the gradient flows through 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,16 +46,31 @@ class EvalAttack:
         check_bool("random_start", self.random_start)
 
     def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-        """x (B, C, H, W), y (B,) → adversarial x (B, C, H, W), each sample's CE maximised in its own ε-ball."""
+            generator: torch.Generator | None = None, *, success_first: bool = True) -> torch.Tensor:
+        """x (B, C, H, W), y (B,) → adversarial x (B, C, H, W), each sample's objective maximised in its own ε-ball:
+        :func:`attack_objective` (an evaluation: any misclassified iterate counts), or with ``success_first=False``
+        the cross-entropy itself (adversarial training, which maximises the loss, as Madry et al.)."""
         def loss_fn(x_adv):
-            return F.cross_entropy(model(x_adv), y, reduction="none")
+            logits = model(x_adv)
+            return attack_objective(logits, y) if success_first else F.cross_entropy(logits, y, reduction="none")
 
         if self.kind == "apgd":
             return apgd(loss_fn, x, eps=self.eps, steps=self.steps, restarts=self.restarts, models=(model,),
                         generator=generator)
         return pgd(loss_fn, x, eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start,
                    restarts=self.restarts, per_sample=True, models=(model,), generator=generator)
+
+
+def attack_objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy (B,), plus ln K (K classes) where the point is misclassified.
+
+    So a sample's best iterate (and restart) is a misclassified one whenever it has one, as in AutoAttack, even where
+    a correctly classified iterate has the higher CE: a misclassified point's objective exceeds ln K, which bounds the
+    CE of every correct one (its true-class probability is the largest, so at least 1/K). The indicator is constant
+    almost everywhere: the gradient is CE's.
+    """
+    missed = logits.argmax(1) != y
+    return F.cross_entropy(logits, y, reduction="none") + missed * math.log(logits.shape[1])
 
 
 def attack_suite(eps: float, alpha: float, steps: int) -> list[EvalAttack]:
@@ -123,7 +139,7 @@ def train_head(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, con
             idx = idx.to(device)
             x, y = images[idx], labels[idx]
             if config.training == "robust":
-                x = config.attack.run(model, x, y, generator)
+                x = config.attack.run(model, x, y, generator, success_first=False)
             model.train()
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)

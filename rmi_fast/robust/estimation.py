@@ -10,12 +10,14 @@ on which DV / InfoNCE values depend).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from rmi_fast.attacks import eval_mode
 from rmi_fast.checks import check_int, check_real
 
 from .critics import Critic, CriticConfig
@@ -66,6 +68,25 @@ def adversarial_accuracy_bound(mi_worst: float, num_classes: int) -> float:
     return (mi_worst + math.log(2.0)) / math.log(num_classes)
 
 
+def _with_frozen_encoder(fn):
+    """Run ``fn(encoder, ...)`` with the encoder in eval mode and without parameter gradients (gradients still reach
+    its input), and give both back afterwards: an MI estimate taken in the middle of training must not stop the
+    encoder from learning."""
+    @functools.wraps(fn)
+    def run(encoder: nn.Module, *args, **kwargs):
+        flags = [(p, p.requires_grad) for p in encoder.parameters()]
+        with eval_mode(encoder):
+            try:
+                for p, _ in flags:
+                    p.requires_grad_(False)
+                return fn(encoder, *args, **kwargs)
+            finally:
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+    return run
+
+
+@_with_frozen_encoder
 def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfig, *, worst_case: bool,
                device: str | torch.device = "cpu", show_progress: bool = False) -> Critic:
     """Train a fresh critic on the frozen ``encoder`` over ``images`` (N, C, H, W): clean batches, or (worst_case)
@@ -76,7 +97,6 @@ def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfi
     batch = min(config.batch_size, n)
     with seeded(config.seed):
         critic = Critic(config.critic).to(device)
-    frozen = _freeze(encoder)
     optimizer = torch.optim.Adam(critic.parameters(), lr=config.lr)
     generator = make_generator(config.seed, device)
     per_epoch = steps_per_epoch(n, batch)
@@ -87,10 +107,10 @@ def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfi
         for idx in minibatches(n, batch, order=epoch_order(n, config.seed, epoch), drop_last=True):
             x = images[idx.to(device)]
             if worst_case:
-                x = worst_case_batch(frozen, critic, x, config.attack, config.mi, generator=generator)
+                x = worst_case_batch(encoder, critic, x, config.attack, config.mi, generator=generator)
             critic.train()
             optimizer.zero_grad(set_to_none=True)
-            mi = mi_estimate(frozen, critic, x, config.mi)
+            mi = mi_estimate(encoder, critic, x, config.mi)
             (-mi).backward()
             optimizer.step()
             bar.update(1)
@@ -99,6 +119,7 @@ def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfi
     return critic.eval()
 
 
+@_with_frozen_encoder
 def evaluate_mi(encoder: nn.Module, critic: Critic, images: torch.Tensor, config: EstimationConfig, *,
                 worst_case: bool, device: str | torch.device = "cpu") -> float:
     """Mean of the critic's bound over the full batches of ``images``, clean or worst-case (against this critic)."""
@@ -106,15 +127,14 @@ def evaluate_mi(encoder: nn.Module, critic: Critic, images: torch.Tensor, config
     device = resolve_device(device)
     n = images.shape[0]
     batch = min(config.batch_size, n)
-    frozen = _freeze(encoder)
     generator = make_generator(config.seed + 1, device)
     values = []
     for idx in minibatches(n, batch, drop_last=True):
         x = images[idx].to(device)
         if worst_case:
-            x = worst_case_batch(frozen, critic, x, config.attack, config.mi, generator=generator)
+            x = worst_case_batch(encoder, critic, x, config.attack, config.mi, generator=generator)
         with torch.no_grad():
-            values.append(mi_estimate(frozen, critic, x, config.mi).item())
+            values.append(mi_estimate(encoder, critic, x, config.mi).item())
     return sum(values) / len(values)
 
 
@@ -128,11 +148,3 @@ def estimate_mi(encoder: nn.Module, fit_images: torch.Tensor, eval_images: torch
         critic = fit_critic(encoder, fit_images, config, worst_case=worst, device=device, show_progress=show_progress)
         estimates[worst] = evaluate_mi(encoder, critic, eval_images, config, worst_case=worst, device=device)
     return MIEstimate(mi_natural=estimates[False], mi_worst=estimates[True])
-
-
-def _freeze(encoder: nn.Module) -> nn.Module:
-    """The encoder in eval mode with no parameter gradients (gradients still reach its input)."""
-    encoder.eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder

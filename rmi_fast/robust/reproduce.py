@@ -2,12 +2,13 @@
 
 1. Train two encoders: standard infomax and worst-case MI maximisation (checkpointed; a rerun resumes them).
 2. Estimate each encoder's natural and worst-case MI with fresh critics (Algorithm 2) → RV, and the Theorem 3.4
-   bound (I_worst + ln 2)/ln |Y| on any downstream classifier's adversarial accuracy.
+   bound (I_worst + ln 2)/ln |Y| on any downstream classifier's adversarial accuracy (for the estimators in nats:
+   DV and InfoNCE; JSD is no MI value, so no bound comes with it).
 3. Train linear and MLP heads on each frozen encoder, standard and PGD-adversarially; measure natural accuracy and
    adversarial accuracy under the paper's PGD and stronger attacks (restarts, APGD), with a gradient-masking check.
 4. Write DIR/report.json, DIR/report.md (the paper's table layout) and plots (DIR/mi.png, DIR/accuracy.png), and
    check the claims: worst-case training lowers RV and raises adversarial accuracy at similar natural accuracy,
-   and no measured adversarial accuracy exceeds the Theorem 3.4 bound.
+   and the strongest attack's adversarial accuracy does not exceed the Theorem 3.4 bound.
 """
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ from .training import MODES, EncoderTrainConfig, default_train_config, train_enc
 from .utils import resolve_device
 from .worst_case import AttackConfig, MIConfig
 
-#: the claims of the paper checked on every run: adversarial-accuracy gain of the worst-case encoder over infomax
-#: with a standard head (in accuracy points), at a natural accuracy of at least MIN_NATURAL.
-MIN_GAIN = 0.10
-MIN_NATURAL = 0.80
+#: The paper's claim checked on every run: with a standard head, the worst-case encoder reaches a higher adversarial
+#: accuracy than infomax at a similar natural accuracy, at most NATURAL_SLACK (a fraction) below infomax's. (Its
+#: own tables: CIFAR-10 +13.8 points at 62.5% against 58.8% natural; MNIST +10.0 at 96.7% against 97.0%.)
+NATURAL_SLACK = 0.05
+#: The estimators whose values are MI in nats, so that Theorem 3.4's bound applies (JSD is only a proxy of MI).
+NATS_ESTIMATORS = ("dv", "infonce")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def run(options: ReproduceOptions) -> dict:
         estimate = estimate_mi(result.encoder, train.images, test.images,
                                protocol_estimation_config(config, s, options.seed), device=device,
                                show_progress=options.show_progress)
-        bound = adversarial_accuracy_bound(estimate.mi_worst, s.num_classes)
+        bound = (adversarial_accuracy_bound(estimate.mi_worst, s.num_classes)
+                 if options.estimator in NATS_ESTIMATORS else None)
         encoders[mode] = {**estimate.to_dict(), "bound": bound, "train_mi_final": _tail_mean(result.history)}
         timing[f"estimate_{mode}"] = time.perf_counter() - t0
 
@@ -158,9 +162,9 @@ def _tail_mean(history: list[float], k: int = 10) -> float | None:
     return sum(history[-k:]) / len(history[-k:]) if history else None
 
 
-def _row(mode: str, head: str, training: str, metrics: dict, attacks: list[EvalAttack], bound: float) -> dict:
+def _row(mode: str, head: str, training: str, metrics: dict, attacks: list[EvalAttack],
+         bound: float | None) -> dict:
     adversarial = metrics["attacks"][attacks[0].name]
-    measured = [adversarial, metrics["worst"], *metrics["attacks"].values()]
     return {
         "encoder": mode,
         "head": head,
@@ -170,7 +174,9 @@ def _row(mode: str, head: str, training: str, metrics: dict, attacks: list[EvalA
         "adversarial_acc_strongest": metrics["worst"],  # per sample, the worst case over all attacks
         "attacks": metrics["attacks"],
         "bound": bound,
-        "bound_violated": max(measured) > bound,
+        # against the strongest measurement: the bound is on the true adversarial accuracy, which every attack only
+        # overestimates (a weak attack above the bound says nothing about the theorem)
+        "bound_violated": bound is not None and metrics["worst"] > bound,
         "masking_warnings": metrics["masking_warnings"],
     }
 
@@ -182,22 +188,22 @@ def _checks(encoders: dict, rows: list[dict]) -> dict:
     for head in HEADS:
         pick = {r["encoder"]: r for r in rows if r["head"] == head and r["head_training"] == "standard"}
         if len(pick) == 2:
-            gains[head] = {
+            g = gains[head] = {
                 "adversarial_gain": pick["worst-case"]["adversarial_acc"] - pick["infomax"]["adversarial_acc"],
                 "worst_case_natural_acc": pick["worst-case"]["natural_acc"],
+                "infomax_natural_acc": pick["infomax"]["natural_acc"],
             }
-            gains[head]["holds"] = (gains[head]["adversarial_gain"] >= MIN_GAIN
-                                    and gains[head]["worst_case_natural_acc"] >= MIN_NATURAL)
-    violations = [f"{r['encoder']} encoder, {r['head_training']} {r['head']} head: adversarial accuracy "
-                  f"{max(r['adversarial_acc'], *r['attacks'].values()):.4f} > bound {r['bound']:.4f}"
+            g["holds"] = (g["adversarial_gain"] > 0
+                          and g["worst_case_natural_acc"] >= g["infomax_natural_acc"] - NATURAL_SLACK)
+    violations = [f"{r['encoder']} encoder, {r['head_training']} {r['head']} head: adversarial accuracy under the "
+                  f"strongest attack {r['adversarial_acc_strongest']:.4f} > bound {r['bound']:.4f}"
                   for r in rows if r["bound_violated"]]
     masking = [f"{r['encoder']} encoder, {r['head_training']} {r['head']} head: {w}" for r in rows
                for w in r["masking_warnings"]]
     return {
         "rv_lower_for_worst_case": rv_lower,
         "standard_head_adversarial_gain": gains,
-        "min_gain": MIN_GAIN,
-        "min_natural_acc": MIN_NATURAL,
+        "natural_slack": NATURAL_SLACK,
         "bound_violations": violations,
         "gradient_masking_warnings": masking,
     }
@@ -229,6 +235,10 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
+def _bound(bound: float | None) -> str:
+    return "n/a" if bound is None else f"{_pct(min(bound, 1.0))}%"
+
+
 def render_markdown(report: dict) -> str:
     s = report["settings"]
     enc = report["encoders"]
@@ -245,8 +255,7 @@ def render_markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for mode, e in enc.items():
-        lines.append(f"| {mode} | {e['mi_natural']:.3f} | {e['mi_worst']:.3f} | {e['rv']:.3f} | "
-                     f"{_pct(min(e['bound'], 1.0))}% |")
+        lines.append(f"| {mode} | {e['mi_natural']:.3f} | {e['mi_worst']:.3f} | {e['rv']:.3f} | {_bound(e['bound'])} |")
     attack_names = list(report["downstream"][0]["attacks"]) if report["downstream"] else []
     lines += [
         "",
@@ -267,21 +276,23 @@ def render_markdown(report: dict) -> str:
                           and r["head_training"] == training), None)
                 cells += ["–"] * 3 if r is None else [_pct(r["natural_acc"]), _pct(r["adversarial_acc"]),
                                                       _pct(r["adversarial_acc_strongest"])]
-            lines.append(f"| {mode} | {training} | " + " | ".join(cells) + f" | {_pct(min(enc[mode]['bound'], 1))} |")
+            lines.append(f"| {mode} | {training} | " + " | ".join(cells) + f" | {_bound(enc[mode]['bound'])} |")
     c = report["checks"]
     lines += ["", "## Checks", "",
               f"- worst-case encoder has lower RV than infomax: **{'yes' if c['rv_lower_for_worst_case'] else 'NO'}**"]
     for head, g in c["standard_head_adversarial_gain"].items():
         lines.append(f"- standard {head} head: adversarial gain of worst-case over infomax "
                      f"{100 * g['adversarial_gain']:+.2f} points at {_pct(g['worst_case_natural_acc'])}% natural "
-                     f"(claim: ≥ {100 * c['min_gain']:.0f} points at ≥ {_pct(c['min_natural_acc'])}%): "
-                     f"**{'holds' if g['holds'] else 'does NOT hold'}**")
-    if c["bound_violations"]:
-        lines.append("- **Theorem 3.4 bound VIOLATED** (the MI estimate is a lower bound on I_worst only up to "
-                     "estimation error):")
+                     f"against {_pct(g['infomax_natural_acc'])}% (claim: a gain at a natural accuracy at most "
+                     f"{100 * c['natural_slack']:.0f} points lower): **{'holds' if g['holds'] else 'does NOT hold'}**")
+    if s["estimator"] not in NATS_ESTIMATORS:
+        lines.append(f"- no Theorem 3.4 bound: the `{s['estimator']}` estimator's values are not MI in nats")
+    elif c["bound_violations"]:
+        lines.append("- **Theorem 3.4 bound VIOLATED** by the strongest attack (the bound rests on an estimate of "
+                     "I_worst, itself a lower bound up to estimation error):")
         lines += [f"  - {v}" for v in c["bound_violations"]]
     else:
-        lines.append("- no measured adversarial accuracy exceeds the Theorem 3.4 bound")
+        lines.append("- no adversarial accuracy under the strongest attack exceeds the Theorem 3.4 bound")
     if c["gradient_masking_warnings"]:
         lines.append("- gradient-masking warnings:")
         lines += [f"  - {w}" for w in c["gradient_masking_warnings"]]
@@ -315,7 +326,8 @@ def plot_mi(report: dict, path: Path) -> None:
     ax1.legend()
     top = max(max(e["mi_natural"], e["mi_worst"]) for e in enc.values())
     grid = [top * 1.1 * i / 100 for i in range(101)]
-    ax2.plot(grid, [min(1.0, (m + math.log(2)) / math.log(k)) for m in grid], "k--", label="Theorem 3.4 bound")
+    if report["settings"]["estimator"] in NATS_ESTIMATORS:
+        ax2.plot(grid, [min(1.0, (m + math.log(2)) / math.log(k)) for m in grid], "k--", label="Theorem 3.4 bound")
     markers = {"standard": "o", "robust": "s"}
     for r in report["downstream"]:
         ax2.scatter(enc[r["encoder"]]["mi_worst"], r["adversarial_acc_strongest"], marker=markers[r["head_training"]],

@@ -11,7 +11,7 @@ from .data import DATASETS, DataShape
 class ProtocolSettings(DataShape):
     encoder_epochs: int = 100
     encoder_lr: float = 1e-4          # Adam 1e-4: the paper
-    critic_width: int | None = None   # None: the architecture's default (2048; 512 for 8×8 images)
+    critic_width: int | None = None   # None: the architecture's default (2048; 128 for 8×8 images)
     estimation_epochs: int = 20
     estimation_lr: float = 1e-3
     head_epochs: int = 50
