@@ -76,8 +76,28 @@ def test_torch_mist_adapter(op):
     _agrees(impls.TorchMist(), case)
 
 
-@pytest.mark.parametrize("case, reason", [(Case("jsd", 64, 32), "positive pair included"),
+@pytest.mark.parametrize("case, reason", [(Case("jsd", 64, 32), "only to train its critic"),
                                           (Case("dv", 64, 32, G=4), "no groups"),
                                           (Case("nwj", 4096, 128), "B×B×D product")])
 def test_torch_mist_declines_what_it_does_not_compute(case, reason):
     assert reason in impls.TorchMist().why_not(case, "cpu")
+
+
+def test_value_check_tells_neighbouring_conventions_apart():
+    """The check before timing catches what a wrong adapter would most likely get wrong: the positive pair counted
+    among the negatives, and a gradient left out (a one-tower loss); the same function passes."""
+    import rmi_fast as rf
+    from rmi_fast.bench.cases import SCALE
+
+    case = Case("dv", 512, 128)
+    inputs = make_inputs(case, "cpu")
+    x, y = inputs["x"], inputs["y"]
+    ref = runner.ours_reference(case, "cpu", inputs)
+
+    def check(fn):
+        return runner.mismatch(case, *runner.evaluate(fn, [x, y], True), *ref)
+
+    assert check(lambda: rf.mi_bound(x, y, "dv", scale=SCALE["dv"], backend="torch")) is None
+    assert "differs from ours" in check(lambda: rf.mi_bound(x, y, "dv", scale=SCALE["dv"], diagonal="zero"))
+    assert check(lambda: rf.mi_bound(x, y.detach(), "dv", scale=SCALE["dv"])) == \
+        "no gradient for input 1, where ours has one"

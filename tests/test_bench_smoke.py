@@ -81,8 +81,12 @@ def test_append_continues_an_earlier_report(quick_run, tmp_path):
     again = json.loads(report.read_text())
     keys = [(r["case"], r["impl"], r["pass"]) for r in again["rows"]]
     assert len(keys) == len(set(keys)) == len(rows)
-    kept = [r for r in again["rows"] if r["impl"] == "gemm-x4"]  # not measured again: the earlier row
-    assert kept == [r for r in earlier if r["impl"] == "gemm-x4"]
+    # gemm-x4 was not measured again: its earlier row stays, its speedup now against the new eager row
+    kept, = [r for r in again["rows"] if r["impl"] == "gemm-x4"]
+    old, = [r for r in earlier if r["impl"] == "gemm-x4"]
+    eager, = [r for r in again["rows"] if r["impl"] == "eager" and r["case"] == kept["case"]]
+    assert kept["median_ms"] == old["median_ms"] and eager["median_ms"] != old["median_ms"] / old["speedup_vs_eager"]
+    assert kept["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / kept["median_ms"])
     assert len(again["commands"]) == 3
     other = json.loads(report.read_text())
     other["device"] = "another machine"
@@ -139,3 +143,19 @@ def test_impl_patterns_take_exact_names_and_globs():
     assert impls.matches("rmi_fast[cpp]", ["rmi_fast[cpp]"])
     assert impls.matches("rmi_fast[cpp]", ["rmi_fast*"]) and impls.matches("eager", ["torch.compile", "eag*"])
     assert not impls.matches("rmi_fast[torch]", ["rmi_fast[cpp]"]) and not impls.matches("eager", ["compile"])
+
+
+def test_fused_backends_split_passes_carry_a_note_not_a_rate():
+    """Our fused backends compute the gradients in the forward: their separate fwd and bwd rows get a note and no
+    speedup (fwd+bwd keeps both); eager's rows, and ours in fp16 (unfused backward), are compared as usual."""
+    from rmi_fast.bench.runner import FUSED_NOTE, derive
+
+    for dtype, fused in (("fp32", True), ("fp16", False)):
+        case = cases.Case("infonce", 1024, 128, dtype=dtype)
+        rows = [{"case": case.name, "impl": impl, "pass": p, "median_ms": ms}
+                for impl, ms in (("rmi_fast[cpp]", 2.0), ("eager", 4.0)) for p in ("fwd", "bwd", "fwd+bwd")]
+        derive(rows, case)
+        for r in rows:
+            split_of_ours = fused and r["impl"] == "rmi_fast[cpp]" and r["pass"] != "fwd+bwd"
+            assert (r.get("note") == FUSED_NOTE) is split_of_ours
+            assert ("speedup_vs_eager" in r) is not split_of_ours

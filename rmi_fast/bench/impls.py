@@ -285,8 +285,8 @@ class TorchMist(Peer):
         if case.G > 1:
             return "torch-mist's critics take one (B, D) batch per call: no groups"
         if case.op == "jsd":
-            return ("torch-mist's JS averages softplus over all B columns, the positive pair included: not the same "
-                    "function as jsd (diagonal excluded, 1/(B−1))")
+            return ("torch-mist's JS uses the Jensen-Shannon loss only to train its critic and reports another "
+                    "estimate (a log ratio with a constant baseline, over sampled negatives): not the function jsd")
         product_mib = case.B * case.B * case.D * torch.empty((), dtype=case.torch_dtype).element_size() / 2**20
         if product_mib > self.max_product_mib:
             return (f"torch-mist's SeparableCritic materialises a B×B×D product ({product_mib:.0f} MiB here): run "
