@@ -159,3 +159,14 @@ def test_fused_backends_split_passes_carry_a_note_not_a_rate():
             split_of_ours = fused and r["impl"] == "rmi_fast[cpp]" and r["pass"] != "fwd+bwd"
             assert (r.get("note") == FUSED_NOTE) is split_of_ours
             assert ("speedup_vs_eager" in r) is not split_of_ours
+
+
+def test_case_prefixes_end_at_a_slash():
+    """"infonce" selects the infonce cases, not infonce_loss's; longer prefixes and globs work as before."""
+    suite = cases.SUITES["cpu"]
+    names = {c.name for c in cases.select(suite, ["infonce"])}
+    assert names and all(n.startswith("infonce/") for n in names)
+    assert {c.name for c in cases.select(suite, ["infonce/B8192"])} == {"infonce/B8192/D128/fp32"}
+    assert {c.name for c in cases.select(suite, ["dv/G64xB128"])} == {"dv/G64xB128/D2048/fp32/xbcast"}
+    assert {c.name for c in cases.select(suite, ["infonce_loss/*"])} == {
+        c.name for c in suite if c.name.startswith("infonce_loss/")}

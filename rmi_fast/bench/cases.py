@@ -151,10 +151,15 @@ def suite_name(device: str, *, quick: bool = False, scaling: bool = False) -> st
 
 
 def select(cases: list[Case], patterns: list[str] | None) -> list[Case]:
-    """The cases whose name matches any of the glob patterns (all when no pattern is given)."""
+    """The cases whose name matches any of the glob patterns, or starts with one up to a "/" (so "infonce" is the
+    infonce cases, not infonce_loss's); all when no pattern is given."""
     if not patterns:
         return list(cases)
-    return [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) or c.name.startswith(p) for p in patterns)]
+
+    def matches(name: str, p: str) -> bool:
+        return fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p.rstrip("/") + "/")
+
+    return [c for c in cases if any(matches(c.name, p) for p in patterns)]
 
 
 def for_op(op: str, symmetric: bool | None = None) -> list[tuple[str, Case]]:
