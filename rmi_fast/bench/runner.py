@@ -166,7 +166,7 @@ class Runner:
             fresh = {(r["case"], r["impl"], r["pass"]) for r in rows}
             self.report["rows"] = [r for r in self.report["rows"] if (r["case"], r["impl"], r["pass"]) not in fresh]
             self.report["rows"] += rows
-            derive([r for r in self.report["rows"] if r["case"] == case.name], case)  # with earlier parts' rows
+            derive([r for r in self.report["rows"] if r["case"] == case.name], case)  # with --append's earlier rows
             self.save()
             if on_case:
                 on_case(rows)
@@ -233,7 +233,6 @@ class Runner:
                 free_memory(o.device)
         if o.memory and not o.device.startswith("cuda") and timed:
             self._cpu_memory(case, rows, timed)
-        derive(rows, case)
         return rows
 
     def _time(self, case: Case, impl: Impl, fn, leaves, row: dict) -> None:

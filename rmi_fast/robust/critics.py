@@ -133,12 +133,11 @@ class Critic(nn.Module):
         """
         if bound not in ESTIMATORS:
             raise ValueError(f"bound must be one of {list(ESTIMATORS)}, got {bound!r}")
-        check_batch(x, self.config)
+        local = self.local(x)  # checks x
         d = self.config.rep_dim
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape != (x.shape[0], d):
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"z must be ({x.shape[0]}, {d}): one {d}-d representation per image of x, got {got}")
-        local = self.local(x)
         if detach_local:
             local = local.detach()
         rep = self.represent(z)

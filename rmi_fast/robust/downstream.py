@@ -159,9 +159,11 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
     worst: the fraction of samples that every attack fails on (per-sample worst case over the attacks);
     masking_warnings: :func:`rmi_fast.attacks.gradient_masking_check` on [natural, attacks weakest → strongest].
     """
-    if isinstance(model, Classifier):  # any other module: its own forward checks its input
+    if isinstance(model, Classifier):
         check_images(images, model.encoder.config)
-    n = images.shape[0] if isinstance(images, torch.Tensor) else 0
+    elif not isinstance(images, torch.Tensor):  # any other module's forward checks the rest of its input
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    n = images.shape[0]
     if n < 1:
         raise ValueError("images: need at least one image to evaluate on, got none")
     check_labels(labels, n, None)  # the upper end once the model's outputs show its number of classes
