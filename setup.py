@@ -25,6 +25,10 @@ class CMakeExtension(Extension):
 def _skip_reason() -> str | None:
     if os.environ.get("RMI_FAST_NO_EXTENSION") == "1":
         return "RMI_FAST_NO_EXTENSION=1"
+    if not (ROOT / "CMakeLists.txt").is_file() or not (ROOT / "csrc").is_dir():
+        # a source tree without the C++/CUDA sources (e.g. an sdist built without MANIFEST.in) cannot build them
+        raise RuntimeError(f"rmi_fast: {ROOT} lacks CMakeLists.txt or csrc/, so the compiled module cannot be built; "
+                           "use a complete source tree, or set RMI_FAST_NO_EXTENSION=1 for a Python-only install")
     if shutil.which("cmake") is None:
         return "cmake not found"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
