@@ -236,7 +236,7 @@ def _classifier(classes):
 
 def test_malformed_checkpoints_name_the_file(tmp_path):
     """A resumable checkpoint whose entries disagree, or that lacks one, is refused with its path; one from a run
-    over another number of images is not resumed (its steps would stand for other epochs)."""
+    over other images, as many or not, is not resumed (its steps would stand for other samples and epochs)."""
     images = _images(32)
     config = _config(epochs=2, batch_size=8)  # 8 steps
     ckpt = tmp_path / "enc.pt"
@@ -262,8 +262,11 @@ def test_malformed_checkpoints_name_the_file(tmp_path):
         with pytest.raises(ValueError) as info:
             train_encoder(config, images, checkpoint=path)
         assert str(path) in str(info.value) and words in str(info.value), str(info.value)
-    with pytest.raises(ValueError, match="holds a run of 8 steps where this one takes 4"):
-        train_encoder(config, images[:16], checkpoint=ckpt)
+    for other in (images[:16], 1 - images, images[torch.arange(32).roll(1)]):
+        with pytest.raises(ValueError, match=r"holds a run over other images \(32x1x8x8 blake2b:\w{32}\) than these"):
+            train_encoder(config, other, checkpoint=ckpt)
+    train_encoder(config, images.clone(), checkpoint=ckpt, stop_after=4)  # the same values: resumed
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
     with pytest.raises(ValueError, match="malformed 'rmi_fast.robust.encoder' checkpoint"):
         load_encoder(edited(encoder={"features.0.weight": torch.zeros(1)}))
     model = _classifier(4)

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .critics import Critic, CriticConfig
 from .models import Encoder, EncoderConfig
-from .utils import check_images, check_schedule, epoch_order, make_generator, progress, resolve_device, seeded, steps_per_epoch
+from .utils import (check_images, check_schedule, data_fingerprint, epoch_order, make_generator, progress,
+                    resolve_device, seeded, steps_per_epoch)
 from .worst_case import AttackConfig, MIConfig, global_mean, mi_estimate, worst_case_batch
 
 MODES = ("infomax", "worst-case")
@@ -143,8 +144,9 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
     optimizer = make_optimizer(encoder, critic, config.lr)
     generator = make_generator(config.seed, device)
     step, history = 0, []
+    data = data_fingerprint(images) if checkpoint is not None else None
     if checkpoint is not None and resume and os.path.exists(checkpoint):
-        step, history = _restore(checkpoint, config, total, encoder, critic, optimizer, generator)
+        step, history = _restore(checkpoint, config, data, encoder, critic, optimizer, generator)
     models = (encoder, critic)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -164,7 +166,7 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
         bar.set_postfix(mi=f"{history[-1]:.3f}", refresh=False)
         if checkpoint is not None and (step % every == 0 or step == total):
             if main:
-                _save(checkpoint, config, encoder, critic, optimizer, generator, step, total, history)
+                _save(checkpoint, config, data, encoder, critic, optimizer, generator, step, total, history)
             if world > 1:  # the file is complete before any rank goes on (and, at the end, returns)
                 dist.barrier()
     bar.close()
@@ -240,9 +242,10 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def _save(path, config, encoder, critic, optimizer, generator, step, total, history) -> None:
+def _save(path, config, data, encoder, critic, optimizer, generator, step, total, history) -> None:
     save_checkpoint(path, {
         "config": config.to_dict(),
+        "data": data,
         "encoder": encoder.state_dict(),
         "critic": critic.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -253,10 +256,11 @@ def _save(path, config, encoder, critic, optimizer, generator, step, total, hist
     }, CHECKPOINT_KIND)
 
 
-def _restore(path, config, total, encoder, critic, optimizer, generator) -> tuple[int, list[float]]:
+def _restore(path, config, data, encoder, critic, optimizer, generator) -> tuple[int, list[float]]:
     payload = load_checkpoint(path, CHECKPOINT_KIND)
     with restoring(path, CHECKPOINT_KIND):
         saved = EncoderTrainConfig.from_dict(payload["config"])
+        saved_data = payload["data"]
         step, history, saved_total = payload["step"], payload["history"], payload["total_steps"]
         if not (isinstance(step, int) and isinstance(saved_total, int) and 0 <= step <= saved_total
                 and isinstance(history, torch.Tensor) and history.shape == (step,)):
@@ -265,9 +269,9 @@ def _restore(path, config, total, encoder, critic, optimizer, generator) -> tupl
     if saved != config:
         raise ValueError(f"{path} holds a run with a different config; use another checkpoint path or resume=False "
                          f"(saved: {saved}, requested: {config})")
-    if saved_total != total:  # same config, other data: its steps would stand for other epochs and batches
-        raise ValueError(f"{path} holds a run of {saved_total} steps where this one takes {total} (a different number "
-                         "of images?); use another checkpoint path or resume=False")
+    if saved_data != data:  # same config, other data: its steps would stand for other samples, epochs and batches
+        raise ValueError(f"{path} holds a run over other images ({saved_data}) than these ({data}); use another "
+                         "checkpoint path or resume=False")
     with restoring(path, CHECKPOINT_KIND):
         encoder.load_state_dict(payload["encoder"])
         critic.load_state_dict(payload["critic"])
