@@ -124,12 +124,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--scaling", action="store_true",
                    help="time and memory against B and D (use with --plot for the scaling curves)")
     p.add_argument("--cases", type=_csv("case patterns"), metavar="PAT[,PAT...]",
-                   help="case-name globs or prefixes, e.g. 'infonce/*' or 'dv/G64xB512' (see --list)")
+                   help="case-name globs or prefixes, e.g. 'infonce/*' or 'dv/G64*' (see --list)")
     p.add_argument("--impls", type=_csv("implementation patterns"), metavar="PAT[,PAT...]",
                    help="implementation globs, e.g. 'rmi_fast*,eager' (default: all)")
     p.add_argument("--passes", type=_csv("passes", ("fwd", "bwd", "fwd+bwd")), metavar="P[,P...]",
                    help="fwd, bwd, fwd+bwd (default: all three; fwd+bwd with --quick/--scaling)")
-    p.add_argument("--repeats", type=_positive(int), help="timed repetitions per pass (default 10; 5 quick)")
+    p.add_argument("--repeats", type=_positive(int), help="timed repetitions per pass (default 10; 5 with --quick or --scaling)")
     p.add_argument("--warmup", type=_positive(int), help="untimed runs before timing (default 1 CPU, 3 GPU)")
     p.add_argument("--max-time", type=_positive(float), metavar="S",
                    help="stop repeating a pass after S seconds (at least 3 repetitions; default 10, 3 quick)")

@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 pip() { python -m pip --disable-pip-version-check -q "$@"; }
 
-# A pinned torch: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine.
-python -c "import torch" 2>/dev/null || pip install "torch==${RMI_FAST_TORCH_VERSION:-2.13.0}"
+# A pinned torch: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine. Where pip's own
+# configuration offers no CPU build (PyPI's torch for Linux is the CUDA one), RMI_FAST_TORCH_INDEX names an index
+# that has it, e.g. https://download.pytorch.org/whl/cpu.
+python -c "import torch" 2>/dev/null ||
+  pip install ${RMI_FAST_TORCH_INDEX:+--index-url "$RMI_FAST_TORCH_INDEX"} "torch==${RMI_FAST_TORCH_VERSION:-2.13.0}"
 pip install setuptools wheel cmake ninja
 # --no-build-isolation: the extension must be built against the torch installed above.
 pip install --no-build-isolation -e ".[test]"
