@@ -30,6 +30,7 @@ constexpr int kAccumulators = 12;
 constexpr int NT_NV = 2;                                    // vectors per panel row
 constexpr int NT_MR = kAccumulators / NT_NV;                // rows of A per block
 constexpr int64_t kPanel = NT_NV * W;                       // panel width in columns
+constexpr int64_t NT_KC = 128;                              // nt's reduction block, for accuracy (see nt_block)
 constexpr int NN_NV = kAccumulators >= 24 ? 4 : 2;          // widest column block of nn/tn, in vectors
 constexpr int NN_MR = kAccumulators / NN_NV;                // rows of a full nn/tn block
 constexpr int64_t NN_KC = 128;                              // reduction block: NN_KC × NN_NV·W floats of B in L1
@@ -111,6 +112,10 @@ void pack_panels(const float* B, int64_t ldb, int64_t n, int64_t k, float* P) {
 }
 
 // One MR × kPanel block of C = A·Bᵀ: rows [0, MR) of A (leading dim lda), one packed panel, `cols` valid columns.
+// Each score is a sum of k products. One running fp32 sum over all of them would err by up to about k·eps·Σ|a·b|
+// (a score's error grew with D: 25–80 eps·|S| at D = 10⁵); summing blocks of NT_KC products in registers and then
+// the block sums bounds it by about (NT_KC + k/NT_KC)·eps·Σ|a·b|, as a BLAS's reduction blocking does. The block
+// sums are added outside the inner loop, so the register blocking of the products is unchanged.
 template <int MR>
 inline void nt_block(const float* A, int64_t lda, const float* panel, int64_t k, float* C, int64_t ldc, int64_t cols) {
   vf acc[MR][NT_NV];
@@ -118,16 +123,28 @@ inline void nt_block(const float* A, int64_t lda, const float* panel, int64_t k,
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int v = 0; v < NT_NV; ++v) acc[i][v] = splat(0.0f);
-  for (int64_t d = 0; d < k; ++d) {
-    vf b[NT_NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NT_NV; ++v) b[v] = load(panel + d * kPanel + v * W);
+  for (int64_t d0 = 0; d0 < k; d0 += NT_KC) {
+    const int64_t d1 = std::min(k, d0 + NT_KC);
+    vf part[MR][NT_NV];
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) {
-      const vf a = splat(A[i * lda + d]);
+    for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < NT_NV; ++v) acc[i][v] += a * b[v];
+      for (int v = 0; v < NT_NV; ++v) part[i][v] = splat(0.0f);
+    for (int64_t d = d0; d < d1; ++d) {
+      vf b[NT_NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NT_NV; ++v) b[v] = load(panel + d * kPanel + v * W);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        const vf a = splat(A[i * lda + d]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NT_NV; ++v) part[i][v] += a * b[v];
+      }
     }
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NT_NV; ++v) acc[i][v] = d0 == 0 ? part[i][v] : acc[i][v] + part[i][v];
   }
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
