@@ -25,10 +25,6 @@ class CMakeExtension(Extension):
 def _skip_reason() -> str | None:
     if os.environ.get("RMI_FAST_NO_EXTENSION") == "1":
         return "RMI_FAST_NO_EXTENSION=1"
-    if not (ROOT / "CMakeLists.txt").is_file() or not (ROOT / "csrc").is_dir():
-        # a source tree without the C++/CUDA sources (e.g. an sdist built without MANIFEST.in) cannot build them
-        raise RuntimeError(f"rmi_fast: {ROOT} lacks CMakeLists.txt or csrc/, so the compiled module cannot be built; "
-                           "use a complete source tree, or set RMI_FAST_NO_EXTENSION=1 for a Python-only install")
     if shutil.which("cmake") is None:
         return "cmake not found"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -47,6 +43,10 @@ class CMakeBuild(build_ext):
             print(f"rmi_fast: not building the compiled module ({reason}); the torch backend still works",
                   file=sys.stderr)
             return
+        if not (ROOT / "CMakeLists.txt").is_file() or not (ROOT / "csrc").is_dir():
+            # a source tree without the C++/CUDA sources (e.g. an sdist built without MANIFEST.in)
+            raise RuntimeError(f"rmi_fast: {ROOT} lacks CMakeLists.txt or csrc/, so the compiled module cannot be "
+                               "built; use a complete source tree, or RMI_FAST_NO_EXTENSION=1 for a Python-only install")
         import torch
         from torch.utils import cpp_extension
 

@@ -129,7 +129,8 @@ def _add_bench(sub) -> None:
                    help="implementation globs, e.g. 'rmi_fast*,eager' (default: all)")
     p.add_argument("--passes", type=_csv("passes", ("fwd", "bwd", "fwd+bwd")), metavar="P[,P...]",
                    help="fwd, bwd, fwd+bwd (default: all three; fwd+bwd with --quick/--scaling)")
-    p.add_argument("--repeats", type=_positive(int), help="timed repetitions per pass (default 10; 5 with --quick or --scaling)")
+    p.add_argument("--repeats", type=_positive(int),
+                   help="timed repetitions per pass (default 10; 5 with --quick or --scaling)")
     p.add_argument("--warmup", type=_positive(int), help="untimed runs before timing (default 1 CPU, 3 GPU)")
     p.add_argument("--max-time", type=_positive(float), metavar="S",
                    help="stop repeating a pass after S seconds (at least 3 repetitions; default 10, 3 quick)")
