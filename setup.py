@@ -46,7 +46,7 @@ class CMakeBuild(build_ext):
         if not (ROOT / "CMakeLists.txt").is_file() or not (ROOT / "csrc").is_dir():
             # a source tree without the C++/CUDA sources (e.g. an sdist built without MANIFEST.in)
             raise RuntimeError(f"rmi_fast: {ROOT} lacks CMakeLists.txt or csrc/, so the compiled module cannot be "
-                               "built; use a complete source tree, or RMI_FAST_NO_EXTENSION=1 for a Python-only install")
+                               "built; use a complete source tree, or RMI_FAST_NO_EXTENSION=1 to install Python only")
         import torch
         from torch.utils import cpp_extension
 
