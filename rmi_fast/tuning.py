@@ -44,23 +44,39 @@ def bits_of(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first line of /proc/cpuinfo that names ``field`` (None where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_simd_flags() -> list[str]:
+    """The CPU's vector-extension flags that the kernels and the BLAS use (AVX-512, AVX2, FMA, AMX)."""
+    flags = (_cpuinfo("flags") or "").split()
+    return sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "avx2", "amx", "fma")))
 
 
 def device_name(device: torch.device | str) -> str:
-    """The GPU's name (e.g. "NVIDIA H100 80GB HBM3") or the CPU's model name."""
+    """The GPU's name (e.g. "NVIDIA H100 80GB HBM3"), or the CPU's model name with its widest vector extension
+    (e.g. "AMD EPYC avx512"): cloud VMs report one model name for CPU generations whose fastest backends differ."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device.index or 0)
-    return cpu_model() if device.type == "cpu" else device.type
+    if device.type != "cpu":
+        return device.type
+    flags = cpu_simd_flags()
+    simd = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    return f"{cpu_model()} {simd}" if simd else cpu_model()
 
 
 def device_key(name: str) -> str:

@@ -115,6 +115,20 @@ def test_device_keys():
     assert [tuning.octave(n) for n in (1, 2, 3, 4, 1023, 1024, 65536)] == [0, 1, 1, 2, 9, 10, 16]
 
 
+
+def test_cpu_device_names_carry_the_vector_extension(monkeypatch):
+    """Cloud VMs report one model name for CPU generations with and without AVX-512, whose fastest backends differ:
+    each gets its own table, and the shipped AVX-512 one is found by its name."""
+    cpuinfo = {"model name": "AMD EPYC", "flags": "fpu sse2 avx2 fma avx512f avx512dq avx512_bf16"}
+    monkeypatch.setattr(tuning, "_cpuinfo", cpuinfo.get)
+    assert tuning.device_name("cpu") == "AMD EPYC avx512"
+    assert tuning.default_path(tuning.device_name("cpu")).is_file()
+    cpuinfo["flags"] = "fpu sse2 avx2 fma"
+    assert tuning.device_name("cpu") == "AMD EPYC avx2" and tuning.cpu_simd_flags() == ["avx2", "fma"]
+    cpuinfo["flags"] = "fp asimd"
+    assert tuning.device_name("cpu") == "AMD EPYC"
+
+
 # ------------------------------------------------------------------------------------------------ the dispatch
 
 def test_auto_follows_the_table(use_table):

@@ -6,20 +6,8 @@ import platform
 
 import torch
 
-from ..tuning import cpu_model
+from ..tuning import cpu_simd_flags, device_name
 from . import impls
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "avx2", "amx", "fma")))
-    except OSError:
-        pass
-    return []
 
 
 def device_info(device: str) -> dict:
@@ -30,8 +18,8 @@ def device_info(device: str) -> dict:
         return {"type": "cuda", "name": props.name, "sm_count": props.multi_processor_count,
                 "memory_gb": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}",
                 "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
-    return {"type": "cpu", "name": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "simd": _cpu_flags()}
+    return {"type": "cpu", "name": device_name("cpu"), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "simd": cpu_simd_flags()}
 
 
 def versions() -> dict:
