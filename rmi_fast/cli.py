@@ -15,7 +15,7 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     import rmi_fast
-    from rmi_fast import backends, memory
+    from rmi_fast import backends, memory, tuning
 
     print(f"rmi_fast {rmi_fast.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}")
@@ -31,6 +31,9 @@ def _info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, reason in backends.status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("dispatch tables (backend='auto'):")
+    for device in ("cpu", *(["cuda"] if torch.cuda.is_available() else [])):
+        print(f"  {device:<7} {tuning.describe(device)}")
     return 0
 
 

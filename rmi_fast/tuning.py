@@ -213,6 +213,21 @@ def table_for(device: torch.device | str) -> Table | None:
     return _table(str(torch.device(device)), os.environ.get("RMI_FAST_TUNED", ""))
 
 
+def describe(device: torch.device | str) -> str:
+    """Which table ``backend="auto"`` follows on a device, in words (for ``rmi-fast info``)."""
+    override = os.environ.get("RMI_FAST_TUNED", "")
+    name = device_name(device)
+    if override == "off":
+        return f"{name}: none (RMI_FAST_TUNED=off), first-principles defaults"
+    try:
+        table = table_for(device)
+    except TableError as exc:
+        return f"{name}: unusable, {exc}"
+    if table is None:
+        return f"{name}: none ({default_path(name).name} is not in {TABLE_DIR}), first-principles defaults"
+    return f"{name}: {Path(override) if override else default_path(name)} ({len(table.entries)} entries)"
+
+
 def clear_cache() -> None:
     _table.cache_clear()
     _lookup.cache_clear()

@@ -3,8 +3,10 @@ dispatch that follows them ("auto"'s backend, the Triton backward's variant)."""
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,6 +129,25 @@ def test_cpu_device_names_carry_the_vector_extension(monkeypatch):
     assert tuning.device_name("cpu") == "AMD EPYC avx2" and tuning.cpu_simd_flags() == ["avx2", "fma"]
     cpuinfo["flags"] = "fp asimd"
     assert tuning.device_name("cpu") == "AMD EPYC"
+
+
+
+def test_info_names_the_table_auto_follows(use_table, monkeypatch, tmp_path):
+    path = use_table([_entry(), _entry(B=8192)])
+    name = tuning.device_name("cpu")
+    assert tuning.describe("cpu") == f"{name}: {path} (2 entries)"
+    out = subprocess.run([sys.executable, "-m", "rmi_fast.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert f"dispatch tables (backend='auto'):\n  cpu     {name}: {path} (2 entries)" in out.stdout, out.stderr
+    monkeypatch.setenv("RMI_FAST_TUNED", "off")
+    assert tuning.describe("cpu") == f"{name}: none (RMI_FAST_TUNED=off), first-principles defaults"
+    (tmp_path / "bad.json").write_text("{")
+    monkeypatch.setenv("RMI_FAST_TUNED", str(tmp_path / "bad.json"))
+    assert tuning.describe("cpu").startswith(f"{name}: unusable, tuned table {tmp_path / 'bad.json'}: ")
+    monkeypatch.setenv("RMI_FAST_TUNED", "")
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Some CPU avx2")
+    tuning.clear_cache()
+    assert tuning.describe("cpu") == (f"Some CPU avx2: none (some-cpu-avx2.json is not in {tuning.TABLE_DIR}), "
+                                      "first-principles defaults")
 
 
 # ------------------------------------------------------------------------------------------------ the dispatch
