@@ -23,5 +23,6 @@ def test_sdist_carries_the_compiled_sources(tmp_path):
         packed = {Path(*Path(name).parts[1:]).as_posix() for name in tar.getnames()}
     needed = {p.relative_to(src).as_posix() for p in (src / "csrc").rglob("*") if p.is_file()}
     assert any(n.endswith(".cu") for n in needed) and any(n.endswith(".cpp") for n in needed)
-    needed |= {"CMakeLists.txt", "setup.py", "pyproject.toml", "rmi_fast/tuned/amd-epyc-avx512.json"}
+    needed |= {"CMakeLists.txt", "setup.py", "pyproject.toml", "rmi_fast/tuned/amd-epyc-avx512.json",
+               "rmi_fast/py.typed"}
     assert needed <= packed, sorted(needed - packed)
