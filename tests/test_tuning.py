@@ -117,7 +117,6 @@ def test_device_keys():
     assert [tuning.octave(n) for n in (1, 2, 3, 4, 1023, 1024, 65536)] == [0, 1, 1, 2, 9, 10, 16]
 
 
-
 def test_cpu_device_names_carry_the_vector_extension(monkeypatch):
     """Cloud VMs report one model name for CPU generations with and without AVX-512, whose fastest backends differ:
     each gets its own table, and the shipped AVX-512 one is found by its name."""
