@@ -250,6 +250,7 @@ def test_malformed_checkpoints_name_the_file(tmp_path):
         return path
 
     cases = [
+        (edited(data=None), "holds no digest of the images it was trained on"),
         (edited(step=10**6), "step 1000000 of 8 with a history of shape (3,): they must agree"),
         (edited(step=-5), "step -5 of 8"),
         (edited(history="abc"), "with a history of shape ()"),

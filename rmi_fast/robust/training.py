@@ -258,6 +258,10 @@ def _save(path, config, data, encoder, critic, optimizer, generator, step, total
 
 def _restore(path, config, data, encoder, critic, optimizer, generator) -> tuple[int, list[float]]:
     payload = load_checkpoint(path, CHECKPOINT_KIND)
+    if "data" not in payload:
+        raise ValueError(f"{path} holds no digest of the images it was trained on (an rmi_fast older than that "
+                         "record), so this run cannot be checked to go on over the same ones; use another checkpoint "
+                         "path or resume=False")
     with restoring(path, CHECKPOINT_KIND):
         saved = EncoderTrainConfig.from_dict(payload["config"])
         saved_data = payload["data"]
