@@ -95,9 +95,11 @@ _REGISTRY = {
     "cuda": "rmi_fast.cuda:CudaBackend",
     "torch": "rmi_fast.backends:TorchBackend",
 }
-#: "auto"'s order of preference per device type. On GPUs the Triton kernels come first: their logic is checked on every
-#: CI run under Triton's interpreter, while the CUDA kernels are compiled there but only checked on a GPU.
-_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+#: "auto"'s order of preference per device type. On GPUs the Triton kernels come first (above their crossover): their
+#: logic is checked on every CI run under Triton's interpreter. The CUDA kernels are compiled there but only checked
+#: on a GPU, so "auto" takes them only where the device's measured table (whose tuner checks every backend's values
+#: first) has them fastest; without one, the torch backend serves below Triton's crossover.
+_PREFERENCE = {"cuda": ("triton", "torch", "cuda"), "cpu": ("cpp", "torch")}
 _instances: dict[str, Backend] = {}
 
 

@@ -181,6 +181,32 @@ def test_without_a_table_auto_uses_the_defaults(monkeypatch):
         tuning.clear_cache()
 
 
+def test_on_a_gpu_auto_takes_the_cuda_kernels_only_where_measured(use_table, monkeypatch):
+    """Without a table: Triton above its crossover, the torch backend below it (the CUDA kernels are checked only on
+    a GPU); a table that measured the CUDA kernels fastest puts them first. A GPU's dispatch simulated on CPU
+    tensors: its preference order, every backend capable, Triton's real crossover."""
+    from rmi_fast.triton import TritonBackend
+
+    class Capable(backends.Backend):
+        def __init__(self, name, min_pairs_auto=0):
+            self.name, self.min_pairs_auto = name, min_pairs_auto
+
+    fakes = {"triton": Capable("triton", TritonBackend.min_pairs_auto), "cuda": Capable("cuda"),
+             "torch": Capable("torch")}
+    monkeypatch.setattr(backends, "preference", lambda device: backends._PREFERENCE["cuda"])
+    monkeypatch.setattr(backends, "_load", lambda names: names)
+    monkeypatch.setattr(backends, "get", fakes.__getitem__)
+
+    def chosen(B):
+        x = torch.randn(1, B, 8)
+        return backends.select("auto", x, x, PairSpec("row_lse")).name
+
+    use_table([])
+    assert chosen(64) == "torch" and chosen(2047) == "torch" and chosen(2048) == "triton"
+    use_table([_entry(B=64, D=8, backend="cuda")])
+    assert chosen(64) == "cuda" and chosen(4096) == "cuda"  # the nearest measured shape
+
+
 @needs_triton
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_backward_follows_the_table(use_table, deterministic):
