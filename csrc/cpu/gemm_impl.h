@@ -113,7 +113,7 @@ void pack_panels(const float* B, int64_t ldb, int64_t n, int64_t k, float* P) {
 
 // One MR × kPanel block of C = A·Bᵀ: rows [0, MR) of A (leading dim lda), one packed panel, `cols` valid columns.
 // Each score is a sum of k products. One running fp32 sum over all of them would err by up to about k·eps·Σ|a·b|
-// (a score's error grew with D: 25–80 eps·|S| at D = 10⁵); summing blocks of NT_KC products in registers and then
+// (25–76 eps·Σ|a·b| at D = 65536); summing blocks of NT_KC products in registers and then
 // the block sums bounds it by about (NT_KC + k/NT_KC)·eps·Σ|a·b|, as a BLAS's reduction blocking does. The block
 // sums are added outside the inner loop, so the register blocking of the products is unchanged.
 template <int MR>
