@@ -322,7 +322,8 @@ def test_tune_command_rejects_bad_arguments(tmp_path, capsys):
         (tmp_path / "x.json").write_text("{}")
         cli.main(["tune", "--from-json", str(tmp_path / "x.json")])
     for report, words in [({"device": "x", "device_info": {"type": "tpu"}, "rows": []}, "device_info.type 'tpu'"),
-                          ({"device": "x", "device_info": {"type": "cpu"}, "rows": [1, 2]}, "a row is not a measurement"),
+                          ({"device": "x", "device_info": {"type": "cpu"}, "rows": [1, 2]},
+                           "a row is not a measurement"),
                           ({"device": "x", "device_info": {"type": "cpu"}, "rows": [{"B": 1}]}, "KeyError: 'kernel'")]:
         (tmp_path / "x.json").write_text(json.dumps(report))
         with pytest.raises(SystemExit, match=f"--from-json .*{re.escape(words)}"):

@@ -325,7 +325,8 @@ def _read_cifar_batch(path: Path, num_classes: int, size: int) -> tuple[np.ndarr
         labels = np.asarray(labels)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: b'labels' must be a list of integers ({err})") from err
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):  # floats would be truncated; ints past int64 are objects
+    # floats would be truncated; integers past int64 come as objects
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: b'labels' must be a list of integers, got {labels.dtype} values")
     return data.reshape(-1, 3, size, size), _check_labels(path, labels, len(data), num_classes)
 

@@ -17,7 +17,8 @@ from rmi_fast.checks import check_bool, check_int, check_real, check_values
 
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .models import HEADS, Classifier, Encoder, EncoderConfig, make_head
-from .utils import check_images, check_labels, check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
+from .utils import (check_images, check_labels, check_schedule, epoch_order, make_generator, minibatches, progress,
+                    resolve_device, seeded, steps_per_epoch)
 
 HEAD_TRAINING = ("standard", "robust")
 CHECKPOINT_KIND = "rmi_fast.robust.classifier"

@@ -21,7 +21,8 @@ from rmi_fast.attacks import eval_mode
 from rmi_fast.checks import check_int, check_real
 
 from .critics import Critic, CriticConfig
-from .utils import check_images, check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device, seeded, steps_per_epoch
+from .utils import (check_images, check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device,
+                    seeded, steps_per_epoch)
 from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
 
 

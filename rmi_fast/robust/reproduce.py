@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -255,7 +254,8 @@ def render_markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for mode, e in enc.items():
-        lines.append(f"| {mode} | {e['mi_natural']:.3f} | {e['mi_worst']:.3f} | {e['rv']:.3f} | {_bound(e['bound'])} |")
+        lines.append(f"| {mode} | {e['mi_natural']:.3f} | {e['mi_worst']:.3f} | {e['rv']:.3f} | "
+                     f"{_bound(e['bound'])} |")
     attack_names = list(report["downstream"][0]["attacks"]) if report["downstream"] else []
     lines += [
         "",
@@ -327,7 +327,7 @@ def plot_mi(report: dict, path: Path) -> None:
     top = max(max(e["mi_natural"], e["mi_worst"]) for e in enc.values())
     grid = [top * 1.1 * i / 100 for i in range(101)]
     if report["settings"]["estimator"] in NATS_ESTIMATORS:
-        ax2.plot(grid, [min(1.0, (m + math.log(2)) / math.log(k)) for m in grid], "k--", label="Theorem 3.4 bound")
+        ax2.plot(grid, [min(1.0, adversarial_accuracy_bound(m, k)) for m in grid], "k--", label="Theorem 3.4 bound")
     markers = {"standard": "o", "robust": "s"}
     for r in report["downstream"]:
         ax2.scatter(enc[r["encoder"]]["mi_worst"], r["adversarial_acc_strongest"], marker=markers[r["head_training"]],
