@@ -213,6 +213,23 @@ def test_positives_alone(backend, fused):
         pair_reduce(x, y[:, :9], torch.tensor(2.0), PairSpec("global_lse"), backend, positives=True)
 
 
+@pytest.mark.parametrize("name", ["auto", "torch", "cpp", "triton"])
+def test_pair_reduce_refuses_operands_outside_the_contract(name):
+    """Every backend assumes 3-D operands of one dtype and device, one D and group counts G or 1: pair_reduce says
+    which of them does not hold before any backend runs (the cpp one would have cast a bf16 x to fp32, Triton's tile
+    products refuse mixed operands only when compiled for a GPU)."""
+    from rmi_fast.ops.pairwise import pair_reduce
+    from rmi_fast.ops.spec import PairSpec
+
+    x, spec, s = torch.randn(2, 8, 4), PairSpec("row_lse"), torch.tensor(1.0)
+    for y, error, message in ((x.bfloat16(), TypeError, "same dtype, got torch.float32 and torch.bfloat16"),
+                              (x[0], ValueError, r"must be \(G, B, D\)"),
+                              (torch.randn(2, 8, 5), ValueError, "same feature size D, got 4 and 5"),
+                              (torch.randn(3, 8, 4), ValueError, "group counts must match or be 1, got 2 and 3")):
+        with pytest.raises(error, match=message):
+            pair_reduce(x, y, s, spec, name)
+
+
 def test_any_strides(backend):
     """Transposed and sliced views give the same result as their contiguous copies."""
     x = torch.randn(32, 17).T  # (17, 32), transposed

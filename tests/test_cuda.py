@@ -241,6 +241,41 @@ def test_nan_never_gives_a_finite_result(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["precise", "tf32", "bf16"])
+@pytest.mark.parametrize("name", ["row_lse_columns", "global_lse", "global_clip_exclude", "softplus_exclude"])
+def test_infinite_scores_give_what_torch_gives(name, precision):
+    """An infinite input gives ±∞ scores (3xTF32 splits it as ∞ + 0, not ∞ + NaN), and a +∞ score makes its row's,
+    column's and group's log-sum-exp +∞ as torch.logsumexp does, not ∞ − ∞ = NaN: the statistics equal the torch
+    backend's on the same values, and the gradients are finite exactly where its are, and close there."""
+    spec = SPECS[name]
+    x, y = _operands((1, 1, 70, 70, 16), torch.bfloat16 if precision == "bf16" else torch.float32)
+    x[0, 5, 3] = float("inf")
+    scale = torch.tensor(1.0, device="cuda")
+    weights = [torch.ones(s, device="cuda") for s in spec.stat_shapes(1, 70, 70)]
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        results = []
+        # the torch backend on the same (rounded) values in fp64: exact scores, the same non-finite entries
+        for b, (xb, yb) in ((backends.get("cuda"), (x, y)), (backends.get("torch"), (x.double(), y.double()))):
+            stats = b.stats(xb, yb, scale.to(xb.dtype), spec)
+            results.append([*stats, *b.grads(xb, yb, scale.to(xb.dtype), spec, stats, weights, (True, True, True))])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    clamped = spec.transform == "clip"  # SMILE's clamp takes ±∞ to ±clip: finite statistics
+    assert clamped == all(torch.isfinite(t).all() for t in results[1][:spec.n_stats])
+    tol = dict(atol=2e-2, rtol=2e-2) if precision != "precise" else tolerance(torch.float32)
+    for k, (got, want) in enumerate(zip(*results)):
+        got, want = got.double(), want.double()
+        if k < spec.n_stats:  # +∞ where torch has +∞ (the NaN of ∞ − ∞ was the bug)
+            torch.testing.assert_close(got, want, **tol, equal_nan=True)
+        else:  # a gradient through an infinite score: non-finite where torch's is (∞·0 may be NaN or ∞ by order)
+            finite = torch.isfinite(want)
+            assert torch.equal(torch.isfinite(got), finite)
+            torch.testing.assert_close(got[finite], want[finite], **tol)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_bitwise_repeatable(dtype):
     spec = PairSpec("global_lse", diagonal="exclude")

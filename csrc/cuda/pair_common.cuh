@@ -112,10 +112,15 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
+// Tests on the bits: immune to any fast-math assumption about infinities and NaN.
+__device__ __forceinline__ bool is_finite_bits(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
+__device__ __forceinline__ bool is_nan_bits(float v) { return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u; }
+
 // v = hi + lo with both parts exact TF32 values: the 3xTF32 product hi·hi + hi·lo + lo·hi has about fp32 accuracy.
+// An infinite hi (v = ±inf, or |v| rounded past FLT_MAX) gets lo = 0: v − hi would be NaN, and so every product.
 __device__ __forceinline__ void split_tf32(float v, uint32_t& hi, uint32_t& lo) {
   hi = to_tf32(v);
-  lo = to_tf32(v - __uint_as_float(hi));
+  lo = is_finite_bits(__uint_as_float(hi)) ? to_tf32(v - __uint_as_float(hi)) : 0u;
 }
 
 // ------------------------------------------------------------------------------------------- mma wrappers
@@ -281,9 +286,6 @@ __device__ __forceinline__ void score_tile(float (&acc)[kNT][4], unsigned char* 
 
 constexpr float kNegInf = -INFINITY;
 
-// NaN test on the bits: immune to any fast-math assumption about NaN.
-__device__ __forceinline__ bool is_nan_bits(float v) { return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u; }
-
 // clamp that keeps NaN (fminf/fmaxf would replace it by a bound).
 __device__ __forceinline__ float clamp_keep_nan(float s, float c) {
   return is_nan_bits(s) ? s : fminf(fmaxf(s, -c), c);
@@ -322,20 +324,25 @@ template <Mode M> __device__ __forceinline__ float term_grad(float s, float clip
   if constexpr (M == Mode::softplus) return w * sigmoid(s);
 }
 
-// Running (max, sum) of a log-sum-exp: value = m + log(s). m_safe avoids exp(−inf − (−inf)) = NaN while nothing
-// finite has been seen; a NaN entry makes s NaN for good (fmaxf drops it from m, but exp(NaN − m) is NaN).
+// Running (max, sum) of a log-sum-exp: s = Σ exp(T − ref(m)), value = ref(m) + log(s). The reference point is m
+// when finite, else 0, as torch.logsumexp takes it: nothing seen yet (m = −inf) gives (−inf, 0), never
+// exp(−inf − (−inf)) = NaN, and a +inf entry gives +inf, not inf − inf = NaN. A NaN entry makes s NaN for good
+// (fmaxf drops it from m, but exp(NaN − ref) is NaN).
 struct OnlineLse {
   float m = kNegInf;
   float s = 0.f;
-  __device__ __forceinline__ static float safe(float m) { return m == kNegInf ? 0.f : m; }
+  __device__ __forceinline__ static float ref(float m) { return is_finite_bits(m) ? m : 0.f; }
+  // exp(ref(from) − ref(to)) for to ≥ from: moves a sum kept relative to `from` to `to`; 0 from an empty partial.
+  __device__ __forceinline__ static float shift(float from, float to) {
+    return from == kNegInf ? 0.f : __expf(ref(from) - ref(to));
+  }
   // Merge another running pair (the reduction is commutative: a + b == b + a in IEEE arithmetic).
   __device__ __forceinline__ void merge(float m2, float s2) {
     const float mn = fmaxf(m, m2);
-    const float ms = safe(mn);
-    s = s * __expf(m - ms) + s2 * __expf(m2 - ms);
+    s = s * shift(m, mn) + s2 * shift(m2, mn);
     m = mn;
   }
-  __device__ __forceinline__ float value() const { return m + __logf(s); }
+  __device__ __forceinline__ float value() const { return ref(m) + __logf(s); }
 };
 
 // ------------------------------------------------------------------------------------------- host dispatch

@@ -56,11 +56,11 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(PairOperands p, flo
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) tile_max = fmaxf(tile_max, fmaxf(v[nt][2 * h], v[nt][2 * h + 1]));
         const float m_new = fmaxf(lse[h].m, tile_max);
-        const float m_safe = OnlineLse::safe(m_new);
+        const float ref = OnlineLse::ref(m_new);
         float tile_sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) tile_sum += __expf(v[nt][2 * h] - m_safe) + __expf(v[nt][2 * h + 1] - m_safe);
-        lse[h].s = lse[h].s * __expf(lse[h].m - m_safe) + tile_sum;
+        for (int nt = 0; nt < kNT; ++nt) tile_sum += __expf(v[nt][2 * h] - ref) + __expf(v[nt][2 * h + 1] - ref);
+        lse[h].s = lse[h].s * OnlineLse::shift(lse[h].m, m_new) + tile_sum;
         lse[h].m = m_new;
       } else {
         float tile_sum = 0.f;  // summed per tile first: shorter fp32 accumulation chains

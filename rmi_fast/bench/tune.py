@@ -113,7 +113,8 @@ def candidates(device: str, shape: Shape, quick: bool = False) -> list[Candidate
 
         blocks = math.ceil(shape.B / tile_config(shape.D, torch.device(device))["BLOCK_N"])
         splits = [k for k in SPLITS if k <= blocks]
-        tiles = whole_chunks(shape.B, shape.B, whole_max_rows(torch.device(device), DTYPES[shape.dtype]))
+        whole_max = whole_max_rows(torch.device(device), DTYPES[shape.dtype], SPECS[shape.kernel].columns)
+        tiles = whole_chunks(shape.B, shape.B, whole_max)
         for det in (False, True):
             out.append(Candidate("triton", "two_pass", 1, det))
             if not det:

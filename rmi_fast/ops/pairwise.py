@@ -217,6 +217,7 @@ def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: Pai
     ``positives`` (Bx = By) also the paired dots <x_i, y_i>, (G, B) in the statistics' dtype and differentiable in x
     and y, whose gradients the backward adds in place to the statistics' (one x- and one y-sized tensor in all).
     """
+    _check_operands(x, y)
     if positives and x.shape[-2] != y.shape[-2]:
         raise ValueError(f"positives need x and y with the same rows, got {x.shape[-2]} and {y.shape[-2]}")
     impl = backends.select(backend, x, y, spec)
@@ -229,6 +230,20 @@ def pair_reduce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec: Pai
         positives)
     stats = [stat0, stat1] if spec.columns else [stat0]
     return (stats, dots) if positives else stats
+
+
+def _check_operands(x: torch.Tensor, y: torch.Tensor) -> None:
+    """The contract's operands, checked before any backend sees them (each assumes them)."""
+    if x.dim() != 3 or y.dim() != 3:
+        raise ValueError(f"x and y must be (G, B, D), got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.shape[2] != y.shape[2]:
+        raise ValueError(f"x and y must have the same feature size D, got {x.shape[2]} and {y.shape[2]}")
+    if x.shape[0] != y.shape[0] and 1 not in (x.shape[0], y.shape[0]):
+        raise ValueError(f"x's and y's group counts must match or be 1, got {x.shape[0]} and {y.shape[0]}")
 
 
 # ------------------------------------------------------------------------------------------- the paired scores

@@ -45,8 +45,8 @@ import triton.language as tl
 
 from .. import tuning
 from ..backends import CUDA_MAX_GRID_YZ
-from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, mma, \
-    SMS, score_tile, stat_buffer, tile_config, whole_max_rows
+from .common import EXCLUDE, ZERO, DIAGONAL_CODE, TRANSFORM_CODE, diagonal_mask, dot_precision, group_layout, \
+    lse_ref, lse_shift, lse_value, mma, SMS, score_tile, stat_buffer, tile_config, whole_max_rows
 
 # How a program's own gradient rows leave it.
 OWN_NONE = tl.constexpr(0)     # not wanted (statistic or dscale only)
@@ -159,9 +159,8 @@ def sweep_kernel(
             # Everything accumulated so far is relative to e^(m_run): rescale it when the running max grows.
             T = tl.where(counted, S, float("-inf"))
             m_new = tl.maximum(m_run, tl.max(T, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_run - m_safe)
-            prob = tl.exp(T - m_safe[:, None])
+            alpha = lse_shift(m_run, m_new)
+            prob = tl.exp(T - lse_ref(m_new)[:, None])
             l_run = l_run * alpha + tl.sum(prob, axis=1)
             m_run = m_new
             own_acc = own_acc * alpha[:, None]
@@ -209,7 +208,7 @@ def sweep_kernel(
         inv_l = tl.where(l_run > 0, 1.0 / l_run, 0.0)
         own_acc = own_acc * inv_l[:, None]
         ds_acc = ds_acc * inv_l
-        stat_acc = m_run + tl.log(l_run)
+        stat_acc = lse_value(m_run, l_run)
     if pid_d == 0:
         if STATS | ONLINE:
             tl.store(stat_ptr + chunk.to(tl.int64) * stride_sp + g * stride_sg + offs_m, stat_acc, mask=m_ok)
@@ -424,12 +423,14 @@ def resolve_plan(x: torch.Tensor, y: torch.Tensor, spec, plan: Plan | None) -> P
     """The given plan, validated; else the plan measured fastest at the nearest shape on this device (its tuned
     table, :mod:`rmi_fast.tuning`), else :func:`choose_plan`'s for these shapes."""
     G, (Bx, D), By = max(x.shape[0], y.shape[0]), x.shape[1:], y.shape[1]
-    whole_max = whole_max_rows(x.device, x.dtype)
+    whole_max = whole_max_rows(x.device, x.dtype, spec.columns)
     chosen = plan is None
     if plan is None:
         cfg = tile_config(D, x.device, x.dtype)
         measured = tuning.triton_plan(x, y, spec)
-        if measured is not None:
+        # The table is keyed by the operands' width, not by allow_tf32: a "whole" measured with TF32 on has no tile
+        # for fp32 while it is off.
+        if measured is not None and not (measured[0] == "whole" and not whole_max):
             variant, split = measured
             # a split measured at a larger shape: no more chunks than either sweep has blocks
             plan = Plan(variant, max(1, min(split, triton.cdiv(min(Bx, By), cfg["BLOCK_N"]))))

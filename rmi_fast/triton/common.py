@@ -80,23 +80,48 @@ def diagonal_mask(i2, j2, diag_offset, DIAG: tl.constexpr):
 
 
 @triton.jit
+def lse_ref(m):
+    """The reference point of a running log-sum-exp (its partial sum is Σ e^(T − ref)): the max when finite, else 0,
+    as torch.logsumexp does, so a line of −∞ stays at (−∞, 0) and one with a +∞ entry gives +∞, never NaN."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
+def lse_shift(m_from, m_to):
+    """e^(ref(m_from) − ref(m_to)) for m_to ≥ m_from: moves a partial sum kept relative to m_from to m_to; 0 from an
+    empty (−∞) partial, whose sum is 0 (the exponential alone could overflow there)."""
+    return tl.where(m_from == float("-inf"), 0.0, tl.exp(lse_ref(m_from) - lse_ref(m_to)))
+
+
+@triton.jit
+def lse_value(m, s):
+    """The log-sum-exp of a (max, partial sum) pair."""
+    return lse_ref(m) + tl.log(s)
+
+
+@triton.jit
 def tile_lse(T, AXIS: tl.constexpr):
-    """(m, s) with m = max T and s = Σ exp(T − m) along AXIS; an all −∞ line gives (−∞, 0), never NaN."""
+    """(m, s) with m = max T and s = Σ exp(T − ref(m)) along AXIS."""
     m = tl.max(T, axis=AXIS)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     if AXIS == 1:
-        s = tl.sum(tl.exp(T - m_safe[:, None]), axis=1)
+        s = tl.sum(tl.exp(T - lse_ref(m)[:, None]), axis=1)
     else:
-        s = tl.sum(tl.exp(T - m_safe[None, :]), axis=0)
+        s = tl.sum(tl.exp(T - lse_ref(m)[None, :]), axis=0)
     return m, s
 
 
 @triton.jit
 def lse_combine(m1, s1, m2, s2):
-    """Merge two (max, sum) partials of a log-sum-exp with a running max: Σ = s1·e^(m1−m) + s2·e^(m2−m)."""
+    """Merge two (max, sum) partials of a log-sum-exp with a running max: Σ = s1·e^(m1−m) + s2·e^(m2−m) (exponents
+    from lse_ref)."""
     m = tl.maximum(m1, m2)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m, s1 * tl.exp(m1 - m_safe) + s2 * tl.exp(m2 - m_safe)
+    return m, s1 * lse_shift(m1, m) + s2 * lse_shift(m2, m)
+
+
+@triton.jit
+def clamp_keep_nan(S, c):
+    """S clamped to [−c, c], a NaN kept (tl.minimum and tl.maximum would replace it by a bound), as torch.clamp."""
+    return tl.clamp(S, -c, c, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -154,7 +179,7 @@ def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat1
         also holds its BLOCK_M × BLOCK_D operand slice for the other side's product: 256 (at 512 it spills).
       fp32 with TF32: 256 (at 512 it reaches 255 registers and spills).
       fp32 without TF32 (PyTorch's default): the products run on the FMA units with their operand tiles in
-        registers: 64.
+        registers: 64, and the atomic variant's score tiles 32 columns wide (at 64 it spills).
     The "whole" plan's tile spans every other row (BLOCK_N ≥ whole_rows, at most :func:`whole_max_rows`) and BLOCK_D
     is then the width of the slices of D it walks, each product leaving the program at once: 64, with two pipeline
     stages, keeps the staged operands within 164 KB of shared memory at 256 rows (sm_90 allows 227 KB a block).
@@ -166,32 +191,38 @@ def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat1
                     num_stages=1)
     if whole_rows:
         return dict(BLOCK_M=64, BLOCK_N=whole_n, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=2)
+    fma = dtype == torch.float32 and dot_precision(dtype, device) != "tf32"
     if dtype != torch.float32:
         widest = 256 if atomic else 512
     else:
-        widest = 256 if dot_precision(dtype, device) == "tf32" else 64
+        widest = 64 if fma else 256
     block_d = min(max(triton.next_power_of_2(D), 16), widest)
-    return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 128 else 64, BLOCK_K=32, BLOCK_D=block_d,
-                num_warps=8, num_stages=3)
+    narrow = block_d > 128 or (fma and atomic)  # FMA atomic sweeps: 64-wide score tiles spill 32 B
+    return dict(BLOCK_M=64, BLOCK_N=32 if narrow else 64, BLOCK_K=32, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
 
-def whole_max_rows(device: torch.device, dtype: torch.dtype) -> int:
+def whole_max_rows(device: torch.device, dtype: torch.dtype, columns: bool = False) -> int:
     """The most other rows the "whole" plan's tile holds for operands of ``dtype`` (0: none). Its score tile is
     BLOCK_M × BLOCK_N fp32 in registers: compiled as launched for sm_90, bf16/fp16 hold 256 rows without spills
-    (512 spill and overflow shared memory), TF32 128 (256 spill), and fp32 on the FMA units, which keeps its operand
-    tiles in registers too, spills at 128 already."""
-    if interpreted(device) or dtype != torch.float32:
+    (512 spill and overflow shared memory), 128 where the gradient also has the column statistics' term
+    (``columns``: 256 spill 136 B), TF32 128 (256 spill), and fp32 on the FMA units, which keeps its operand tiles in
+    registers too, spills at 128 already."""
+    if interpreted(device):
         return 256
+    if dtype != torch.float32:
+        return 128 if columns else 256
     return 128 if dot_precision(dtype, device) == "tf32" else 0
 
 
-def fwd_config(device: torch.device, rows: int = 0, groups: int = 1) -> dict:
+def fwd_config(device: torch.device, rows: int = 0, groups: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tiles of the log-sum-exp sweep over ``rows`` rows in each of ``groups`` groups: no gradient accumulator, so
     larger row blocks (128, 8 warps), but blocks of 64 (4 warps) where 128 would leave SMs without a program (the
-    paper's critic at B = 128: 64 programs for 132 SMs). To be tuned on an H100."""
+    paper's critic at B = 128: 64 programs for 132 SMs), and for fp32 on the FMA units, whose 128-row blocks spill
+    (32 B with SMILE's clamp). To be tuned on an H100."""
     if interpreted(device):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
-    if triton.cdiv(rows, 128) * groups < SMS:
+    fma = dtype == torch.float32 and dot_precision(dtype, device) != "tf32"
+    if fma or triton.cdiv(rows, 128) * groups < SMS:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import backward
-from .common import T_CLIP
+from .common import T_CLIP, clamp_keep_nan
 from .row_lse import lse_rows
 
 
@@ -27,8 +27,8 @@ def grad_tile(S, i2, j2, g, i_ok, j_ok, stat0_ptr, stat1_ptr, w0_ptr, w1_ptr, st
     L = tl.load(stat0_ptr + g * stride_0g)
     w = tl.load(w0_ptr + g * stride_w0g)
     if TRANSFORM == T_CLIP:
-        T = tl.minimum(tl.maximum(S, -clip), clip)
-        grad = tl.where(tl.abs(S) < clip, w * tl.exp(T - L), 0.0)
+        T = clamp_keep_nan(S, clip)
+        grad = w * tl.exp(T - L) * tl.where(tl.abs(S) < clip, 1.0, 0.0)  # multiplied: a NaN score stays NaN
     else:
         grad = w * tl.exp(S - L)
     return grad

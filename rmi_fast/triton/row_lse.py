@@ -14,15 +14,17 @@ import triton.language as tl
 
 from . import backward
 from .common import EXCLUDE, ZERO, DIAGONAL_CODE, diagonal_mask, dot_precision, fwd_config, group_layout, \
-    interpreted, lse_combine, score_tile, tile_lse
+    clamp_keep_nan, interpreted, lse_combine, lse_value, score_tile, tile_lse
 
 
 # Derivation. For a row block and a column tile, T = S with the excluded entries (and rows/columns past the
 # matrix) at −∞ (T = clamp(S, ±clip) for the global family). Per row the running pair (m, l) satisfies
 # logsumexp_j T_ij = m + log l over the tiles seen so far; a new tile with (m', l') = (max_j T, Σ_j e^(T − m'))
 # merges as m'' = max(m, m'), l'' = l·e^(m − m'') + l'·e^(m' − m'') — a running max, never a fixed shift, so
-# |S| up to fp32's range stays finite. With COLUMNS each tile also yields, per column, the pair over this block's
-# rows; stored as fp32 partials (G, row blocks, By) — O(B²/BLOCK_M), not B×B — and merged the same way.
+# |S| up to fp32's range stays finite. The exponents are measured from lse_ref(m), which is m, or 0 where m = ±∞:
+# a row with a +∞ score gives +∞ as torch.logsumexp does, not ∞ − ∞ = NaN. With COLUMNS each tile also yields,
+# per column, the pair over this block's rows; stored as fp32 partials (G, row blocks, By) — O(B²/BLOCK_M), not
+# B×B — and merged the same way.
 @triton.jit
 def lse_kernel(
     r_ptr, cmax_ptr, csum_ptr,
@@ -52,7 +54,7 @@ def lse_kernel(
         if DIAG == ZERO:
             S = tl.where(on_diag, 0.0, S)
         if CLIP:
-            S = tl.minimum(tl.maximum(S, -clip), clip)
+            S = clamp_keep_nan(S, clip)
         counted = m_ok[:, None] & n_ok[None, :]
         if DIAG == EXCLUDE:
             counted = counted & ~on_diag
@@ -64,7 +66,7 @@ def lse_kernel(
             part = g * stride_cg + pid_m.to(tl.int64) * stride_cp + offs_n
             tl.store(cmax_ptr + part, cm, mask=n_ok)
             tl.store(csum_ptr + part, cs, mask=n_ok)
-    tl.store(r_ptr + g * stride_rg + offs_m, m + tl.log(l), mask=m_ok)
+    tl.store(r_ptr + g * stride_rg + offs_m, lse_value(m, l), mask=m_ok)
 
 
 # Derivation. Column j's partials (m_p, s_p), one per row block p, merge with the same running-max rule as the
@@ -83,7 +85,7 @@ def column_merge_kernel(c_ptr, cmax_ptr, csum_ptr, NB, P, stride_c_g, stride_pg,
         m, s = lse_combine(m, s, tl.load(cmax, mask=ok, other=float("-inf")), tl.load(csum, mask=ok, other=0.0))
         cmax += stride_pp
         csum += stride_pp
-    tl.store(c_ptr + g * stride_c_g + offs, m + tl.log(s), mask=ok)
+    tl.store(c_ptr + g * stride_c_g + offs, lse_value(m, s), mask=ok)
 
 
 def lse_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec, clip: bool = False,
@@ -91,7 +93,7 @@ def lse_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spec, clip: 
     """[r] or [r, c]: fp32 row (and column) log-sum-exps of T, r: (G, Bx), c: (G, By)."""
     G, sxg, syg = group_layout(x, y)
     Bx, By, D = x.shape[1], y.shape[1], x.shape[2]
-    cfg = fwd_config(x.device, Bx, G)
+    cfg = fwd_config(x.device, Bx, G, x.dtype)
     BM = cfg["BLOCK_M"]
     row_blocks = triton.cdiv(Bx, BM)
     r = torch.empty((G, Bx), dtype=torch.float32, device=x.device)
