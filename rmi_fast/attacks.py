@@ -342,14 +342,17 @@ def apgd(loss_fn: LossFn, x: torch.Tensor, *, eps: float, steps: int, norm: str 
 
 # ----------------------------------------------------------------------------------------------------- masking check
 
-def gradient_masking_check(results, *, tolerance: float | None = None) -> list[str]:
+def gradient_masking_check(results, *, tolerance: float | None = None,
+                           tiers: Mapping[str, int] | None = None) -> list[str]:
     """Warnings about gradient masking from adversarial accuracies of attacks ordered weakest → strongest.
 
     A stronger attack must not leave more samples correct than a weaker one: every pair (weaker, stronger) where
     the weaker attack reaches a lower adversarial accuracy than the stronger one by more than ``tolerance`` is
-    flagged (the stronger attack is being foiled, the signature of obfuscated gradients, Athalye et al. 2018). An
-    entry named ``"natural"`` (any case, anywhere in the list) is the clean accuracy; an adversarial accuracy above it
-    is flagged too.
+    flagged (the stronger attack is being foiled, the signature of obfuscated gradients, Athalye et al. 2018). With
+    ``tiers`` (attack name → strength, higher is stronger) only attacks of different tiers are compared, the weaker
+    being the one of the lower tier: attacks of one tier are peers (say PGD with restarts and APGD), of which either
+    may be ahead by a few samples. An entry named ``"natural"`` (any case, anywhere in the list) is the clean
+    accuracy; an adversarial accuracy above it is flagged too.
 
     Args:
         results: ordered (attack_name, adversarial_accuracy) pairs (or a mapping in that order), accuracies all as
@@ -357,6 +360,8 @@ def gradient_masking_check(results, *, tolerance: float | None = None) -> list[s
         tolerance: allowed slack in the accuracies' unit; default one percentage point (0.01 for fractions, 1.0
             when any accuracy is above 1, i.e. percentages) — a few samples of a small test set, since different
             attacks maximising the same loss may each leave a different sample or two correct.
+        tiers: strength of every attack in ``results`` (each a non-negative int); default: the list order, each
+            attack its own tier.
 
     Returns:
         The warning messages (an empty list when the accuracies are consistent).
@@ -379,10 +384,19 @@ def gradient_masking_check(results, *, tolerance: float | None = None) -> list[s
     unit = "%" if percent else ""
     natural = [acc for name, acc in pairs if name.lower() == "natural"]
     attacks = [(name, acc) for name, acc in pairs if name.lower() != "natural"]
+    if tiers is None:
+        tiers = {name: i for i, (name, _) in enumerate(attacks)}
+    elif not isinstance(tiers, Mapping):
+        raise TypeError(f"tiers must be a mapping of attack name to strength, got {type(tiers).__name__}")
+    else:
+        missing = [name for name, _ in attacks if name not in tiers]
+        if missing:
+            raise ValueError(f"tiers gives no strength for {missing}")
+        tiers = {name: check_int(f"tiers[{name!r}]", tiers[name], 0) for name, _ in attacks}
     warnings = []
-    for i, (weak, weak_acc) in enumerate(attacks):
-        for strong, strong_acc in attacks[i + 1:]:
-            if weak_acc < strong_acc - tol:
+    for weak, weak_acc in attacks:
+        for strong, strong_acc in attacks:
+            if tiers[weak] < tiers[strong] and weak_acc < strong_acc - tol:
                 warnings.append(
                     f"possible gradient masking: the weaker attack {weak!r} reaches lower adversarial accuracy "
                     f"({weak_acc:g}{unit}) than the stronger attack {strong!r} ({strong_acc:g}{unit}); the stronger "

@@ -73,6 +73,14 @@ def _positive(kind: type):
     return parse
 
 
+def _radius(text: str) -> float:
+    """An ℓ∞ radius on images in [0, 1]: in (0, 1]."""
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a radius in (0, 1] (images are in [0, 1]), got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     from rmi_fast.robust.utils import check_seed
 
@@ -223,7 +231,7 @@ def _paper_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the dataset's published files (not for digits)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--eps", type=_positive(float), default=None, help="ℓ∞ radius (default: the paper's)")
+    p.add_argument("--eps", type=_radius, default=None, help="ℓ∞ radius (default: the paper's)")
     p.add_argument("--alpha", type=_positive(float), default=None, help="PGD step size (default: the paper's)")
     p.add_argument("--steps", type=_positive(int), default=None, help="PGD steps (default: the paper's)")
     p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: the dataset's; all cores except for 8×8 digits)")
@@ -246,6 +254,8 @@ def _paper_setup(args: argparse.Namespace, dataset: str):
     from rmi_fast.robust.settings import dataset_settings
     from rmi_fast.robust.utils import resolve_device
 
+    if dataset == "digits" and args.data_dir is not None:
+        raise ValueError(f"--data-dir {args.data_dir}: the digits are built in (scikit-learn's), no files are read")
     device = resolve_device(args.device)
     overrides = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, threads=args.threads,
                      encoder_epochs=getattr(args, "epochs", None) if args.command == "train-encoder" else None,
@@ -270,6 +280,19 @@ def _dataset_for(args: argparse.Namespace, encoder_config, trained_on: str | Non
     return dataset
 
 
+def _trained_encoder(args: argparse.Namespace):
+    """(encoder, its training config, dataset) of --encoder; --eps, --alpha and --steps, where not given, become
+    those of the attack it was trained against."""
+    from rmi_fast.robust.training import load_encoder
+
+    encoder, config = load_encoder(args.encoder)
+    dataset = _dataset_for(args, config.encoder, config.dataset, args.encoder)
+    for name in ("eps", "alpha", "steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(config.attack, name))
+    return encoder, config, dataset
+
+
 def _train_encoder(args: argparse.Namespace) -> int:
     from rmi_fast.robust.data import load_dataset
     from rmi_fast.robust.reproduce import protocol_train_config
@@ -279,11 +302,7 @@ def _train_encoder(args: argparse.Namespace) -> int:
     device, s = _paper_setup(args, args.dataset)
     device, rank = _init_data_parallel(device)
     config = protocol_train_config(args.dataset, args.mode, s, MIConfig(args.estimator, args.diagonal, args.backend),
-                                   args.seed)
-    if args.attack_input_branch:
-        from dataclasses import replace
-
-        config = replace(config, attack=replace(config.attack, through_input_branch=True))
+                                   args.seed, args.attack_input_branch)
     data = load_dataset(args.dataset, "train", args.data_dir, args.limit)
     try:
         run = train_encoder(config, data.images, device=device, checkpoint=args.out,
@@ -324,15 +343,14 @@ def _estimate_mi(args: argparse.Namespace) -> int:
     from rmi_fast.robust.data import load_dataset
     from rmi_fast.robust.estimation import adversarial_accuracy_bound, estimate_mi
     from rmi_fast.robust.reproduce import NATS_ESTIMATORS, protocol_estimation_config
-    from rmi_fast.robust.training import load_encoder
 
-    encoder, config = load_encoder(args.encoder)
-    dataset = _dataset_for(args, config.encoder, config.dataset, args.encoder)
+    encoder, config, dataset = _trained_encoder(args)
     device, s = _paper_setup(args, dataset)
     train = load_dataset(dataset, "train", args.data_dir, args.limit)
     test = load_dataset(dataset, "test", args.data_dir, args.limit)
-    estimate = estimate_mi(encoder.to(device), train.images, test.images, protocol_estimation_config(config, s, args.seed),
-                           device=device, show_progress=not args.quiet)
+    estimation = protocol_estimation_config(config, s, args.seed, args.attack_input_branch)
+    estimate = estimate_mi(encoder.to(device), train.images, test.images, estimation, device=device,
+                           show_progress=not args.quiet)
     bound = adversarial_accuracy_bound(estimate.mi_worst, s.num_classes) if config.mi.bound in NATS_ESTIMATORS else None
     result = {**estimate.to_dict(), "bound": bound}
     print(json.dumps(result, indent=2))
@@ -343,10 +361,8 @@ def _train_head(args: argparse.Namespace) -> int:
     from rmi_fast.robust.data import load_dataset
     from rmi_fast.robust.downstream import save_classifier, train_head
     from rmi_fast.robust.reproduce import protocol_head_config
-    from rmi_fast.robust.training import load_encoder
 
-    encoder, config = load_encoder(args.encoder)
-    dataset = _dataset_for(args, config.encoder, config.dataset, args.encoder)
+    encoder, _, dataset = _trained_encoder(args)
     device, s = _paper_setup(args, dataset)
     data = load_dataset(dataset, "train", args.data_dir, args.limit)
     head_config = protocol_head_config(args.head, args.training, s, args.seed)
@@ -386,7 +402,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         alpha=args.alpha, steps=args.steps, data_dir=args.data_dir, estimator=args.estimator,
         diagonal=args.diagonal, backend=args.backend, estimation_epochs=args.estimation_epochs,
         head_epochs=args.head_epochs, train_limit=args.limit, test_limit=args.limit, threads=args.threads,
-        show_progress=not args.quiet))
+        attack_input_branch=args.attack_input_branch, restart=args.restart, show_progress=not args.quiet))
     for mode, e in report["encoders"].items():
         print(f"{mode:>10}: I = {e['mi_natural']:.3f}, I_worst = {e['mi_worst']:.3f}, RV = {e['rv']:.3f} nats"
               + (f", Theorem 3.4 bound {min(e['bound'], 1.0):.3f}" if e["bound"] is not None else ""))
@@ -401,6 +417,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+_ENCODER_ATTACK = "--eps, --alpha and --steps default to those of the attack the encoder was trained against"
+_INPUT_BRANCH_HELP = ("let the worst-case attack's gradient flow through the critic's input branch too (a stronger "
+                      "attack; the released code detached it)")
+
+
 def _add_paper(sub) -> None:
     p = sub.add_parser("train-encoder", help="train an encoder: standard infomax or worst-case MI (checkpointed)")
     _paper_common(p)
@@ -411,20 +432,22 @@ def _add_paper(sub) -> None:
     p.add_argument("--limit", type=_positive(int), default=None, help="use only the first N training images")
     p.add_argument("--checkpoint-every", type=_positive(int), default=0, help="steps (default: every epoch)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
-    p.add_argument("--attack-input-branch", action="store_true",
-                   help="let the attack's gradient flow through the critic's input branch (the released code "
-                        "detached it)")
+    p.add_argument("--attack-input-branch", action="store_true", help=_INPUT_BRANCH_HELP)
     p.set_defaults(func=_train_encoder)
 
-    p = sub.add_parser("estimate-mi", help="natural and worst-case MI of a trained encoder (Algorithm 2), RV, bound")
+    p = sub.add_parser("estimate-mi", help="natural and worst-case MI of a trained encoder (Algorithm 2), RV, bound",
+                       epilog=_ENCODER_ATTACK)
     _paper_common(p, dataset=False)
     p.add_argument("--encoder", required=True, help="encoder checkpoint from train-encoder")
     p.add_argument("--dataset", default=None, help="default: the encoder's")
     p.add_argument("--estimation-epochs", type=_positive(int), default=None)
     p.add_argument("--limit", type=_positive(int), default=None)
+    p.add_argument("--attack-input-branch", action=argparse.BooleanOptionalAction, default=None,
+                   help=_INPUT_BRANCH_HELP + "; default: as the encoder was trained")
     p.set_defaults(func=_estimate_mi)
 
-    p = sub.add_parser("train-head", help="train a linear or MLP head on a frozen encoder, standard or robust")
+    p = sub.add_parser("train-head", help="train a linear or MLP head on a frozen encoder, standard or robust",
+                       epilog=_ENCODER_ATTACK)
     _paper_common(p, dataset=False)
     p.add_argument("--encoder", required=True, help="encoder checkpoint from train-encoder")
     p.add_argument("--dataset", default=None, help="default: the encoder's")
@@ -453,6 +476,9 @@ def _add_paper(sub) -> None:
     p.add_argument("--estimation-epochs", type=_positive(int), default=None, help="critic epochs per MI estimate")
     p.add_argument("--head-epochs", type=_positive(int), default=None)
     p.add_argument("--limit", type=_positive(int), default=None, help="first N images of each split (smoke runs)")
+    p.add_argument("--attack-input-branch", action="store_true", help=_INPUT_BRANCH_HELP + ", in training and "
+                   "estimation")
+    p.add_argument("--restart", action="store_true", help="train the encoders anew, ignoring checkpoints in --out")
     p.set_defaults(func=_reproduce)
 
 
@@ -475,15 +501,26 @@ _FOLDER_OUT = ("reproduce",)
 
 
 def _check_writable(command: str, flag: str, path: str) -> None:
-    """The nearest existing folder on the way to ``path`` must be a writable folder (the commands create the rest)."""
+    """The nearest existing folder on the way to ``path`` must be a writable folder (the commands create the rest);
+    a new file in an existing folder is created and removed again, which also catches a folder that takes no files
+    (/proc, a read-only mount) whatever the permission bits say."""
     target = Path(path).expanduser().absolute()
-    if target.is_dir() and not (flag == "out" and command in _FOLDER_OUT):
+    wants_folder = flag == "out" and command in _FOLDER_OUT
+    if target.is_dir() and not wants_folder:
         raise ValueError(f"--{flag} {path}: is a folder, not a file")
+    if target.exists() and not target.is_dir() and wants_folder:
+        raise ValueError(f"--{flag} {path}: is a file, not a folder")
     folder = target.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--{flag} {path}: cannot write under {folder}")
+    if not wants_folder and not target.exists() and folder == target.parent:
+        try:
+            target.open("xb").close()
+            target.unlink()
+        except OSError as exc:
+            raise ValueError(f"--{flag} {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,6 +264,20 @@ def test_gradient_masking_check_accepts_consistent_results():
     assert gradient_masking_check({"natural": 0.9, "pgd": 0.3, "apgd": 0.2}) == []
 
 
+def test_gradient_masking_check_compares_only_attacks_of_different_tiers():
+    """Peers (one tier) may be ahead of each other by a few samples; a lower tier must not beat a higher one."""
+    results = [("natural", 0.90), ("pgd", 0.55), ("pgd-40x5", 0.50), ("apgd-40", 0.52)]
+    assert len(gradient_masking_check(results)) == 1  # in list order apgd-40 counts as the stronger of the two
+    assert gradient_masking_check(results, tiers={"pgd": 0, "pgd-40x5": 1, "apgd-40": 1}) == []
+    (warning,) = gradient_masking_check([("pgd", 0.45), ("pgd-40x5", 0.50), ("apgd-40", 0.44)],
+                                        tiers={"pgd": 0, "pgd-40x5": 1, "apgd-40": 1})
+    assert "'pgd'" in warning and "'pgd-40x5'" in warning
+    with pytest.raises(ValueError, match=r"tiers gives no strength for \['apgd-40'\]"):
+        gradient_masking_check(results, tiers={"pgd": 0, "pgd-40x5": 1})
+    with pytest.raises(ValueError, match="tiers\\['pgd'\\]"):
+        gradient_masking_check(results, tiers={"pgd": -1, "pgd-40x5": 1, "apgd-40": 1})
+
+
 # ----------------------------------------------------------------------------------------------------- bad inputs
 
 _x = torch.rand(4, 3)

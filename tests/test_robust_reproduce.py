@@ -5,10 +5,14 @@ import json
 
 import pytest
 
+from pathlib import Path
+
 from rmi_fast.cli import main
+from rmi_fast.robust.checkpoint import load_checkpoint, save_checkpoint
 from rmi_fast.robust.downstream import attack_suite
 from rmi_fast.robust.estimation import adversarial_accuracy_bound
 from rmi_fast.robust.reproduce import _checks, _row
+from rmi_fast.robust.training import CHECKPOINT_KIND
 
 
 def test_reproduce_tiny_writes_report(tmp_path, capsys):
@@ -66,6 +70,9 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
     enc = tmp_path / "enc.pt"
     assert main(["train-encoder", "--mode", "infomax", "--out", str(enc), "--epochs", "1", "--limit", "8",
                  "--quiet"]) == 0
+    unfinished = tmp_path / "unfinished.pt"  # the same run as if stopped before its one step
+    payload = load_checkpoint(enc, CHECKPOINT_KIND)
+    save_checkpoint(unfinished, {**payload, "step": 0, "history": payload["history"][:0]}, CHECKPOINT_KIND)
     cases = [
         (["train-encoder", "--dataset", "nosuch", "--out", str(tmp_path / "e.pt")], "dataset must be one of"),
         (["train-encoder", "--dataset", "mnist", "--out", str(tmp_path / "e.pt")], "data_dir is required"),
@@ -75,7 +82,15 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
         (["train-encoder", "--out", str(tmp_path)], f"--out {tmp_path}: is a folder, not a file"),
         (["estimate-mi", "--encoder", str(enc), "--dataset", "mnist", "--data-dir", str(tmp_path)],
          f"--dataset mnist has 1×28×28 images, but the encoder of {enc} takes 1×8×8 (trained on digits)"),
+        (["reproduce", "--out", str(blocker)], f"--out {blocker}: is a file, not a folder"),
+        (["train-encoder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "e.pt")],
+         f"--data-dir {tmp_path}: the digits are built in"),
+        (["estimate-mi", "--encoder", str(unfinished)], f"{unfinished} holds an unfinished run (step 0 of 1)"),
+        (["train-encoder", "--mode", "infomax", "--out", str(enc), "--epochs", "2", "--limit", "8"],
+         "start over with resume=False (on the command line: --restart)"),
     ]
+    if Path("/proc/self").is_dir():  # a folder that takes no files, whatever its permission bits say
+        cases.append((["train-encoder", "--out", "/proc/rmi_fast.pt"], "--out /proc/rmi_fast.pt: cannot write there"))
     for argv, words in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -84,6 +99,7 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, words", [("--eps", "nan", "expected a positive finite float, got 'nan'"),
+                                                ("--eps", "5", "expected a radius in (0, 1] (images are in [0, 1])"),
                                                 ("--alpha", "inf", "expected a positive finite float"),
                                                 ("--seed", str(2**70), "expected an integer in [0, 2**63)"),
                                                 ("--seed", "-1", "expected an integer in [0, 2**63)")])
@@ -91,6 +107,47 @@ def test_bad_flag_values_are_refused_by_the_parser(tmp_path, capsys, flag, value
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "--out", str(tmp_path / "run"), flag, value])
     assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_attack_flags_reach_training_and_estimation(tmp_path, monkeypatch):
+    """reproduce --attack-input-branch --restart trains anew with the stronger attack; estimate-mi attacks as the
+    encoder was trained (its ε, step and gradient path) unless told otherwise, and train-head's robust training
+    takes the same attack."""
+    from rmi_fast.robust import downstream, estimation, reproduce
+
+    calls = []
+
+    def stop(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(reproduce, "train_encoder", stop)
+    with pytest.raises(_Stop):
+        main(["reproduce", "--out", str(tmp_path / "run"), "--attack-input-branch", "--restart", "--quiet"])
+    (config, *_), kwargs = calls.pop()
+    assert config.attack.through_input_branch and kwargs["resume"] is False
+    monkeypatch.undo()
+
+    enc = tmp_path / "enc.pt"
+    assert main(["train-encoder", "--mode", "infomax", "--out", str(enc), "--epochs", "1", "--limit", "8",
+                 "--eps", "0.2", "--alpha", "0.03", "--steps", "3", "--attack-input-branch", "--quiet"]) == 0
+    monkeypatch.setattr(estimation, "estimate_mi", stop)
+    for extra, through, eps in (([], True, 0.2), (["--no-attack-input-branch", "--eps", "0.1"], False, 0.1)):
+        with pytest.raises(_Stop):
+            main(["estimate-mi", "--encoder", str(enc), "--limit", "8", "--quiet", *extra])
+        (_, _, _, config), _ = calls.pop()
+        assert (config.attack.eps, config.attack.alpha, config.attack.steps) == (eps, 0.03, 3)
+        assert config.attack.through_input_branch == through
+    monkeypatch.setattr(downstream, "train_head", stop)
+    with pytest.raises(_Stop):
+        main(["train-head", "--encoder", str(enc), "--training", "robust", "--out", str(tmp_path / "clf.pt"),
+              "--limit", "8", "--quiet"])
+    (_, _, _, head), _ = calls.pop()
+    assert (head.attack.eps, head.attack.alpha, head.attack.steps) == (0.2, 0.03, 3)
 
 
 def _metrics(natural, attacks, worst):

@@ -15,7 +15,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, kind: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"kind": kind, **payload}, tmp)
+    try:
+        torch.save({"kind": kind, **payload}, tmp)
+    except RuntimeError as exc:  # torch.save's own writer reports a failed write (e.g. a full disk) this way
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write the checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     os.replace(tmp, path)
 
 

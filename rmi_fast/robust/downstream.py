@@ -27,7 +27,9 @@ ATTACK_KINDS = ("pgd", "apgd")
 
 @dataclass(frozen=True)
 class EvalAttack:
-    """One ℓ∞ attack on per-sample cross-entropy: kind "pgd" (sign steps of ``alpha``) or "apgd" (adaptive step)."""
+    """One ℓ∞ attack on per-sample cross-entropy: kind "pgd" (sign steps of ``alpha``) or "apgd" (adaptive step).
+    ``tier``: its strength for the gradient-masking check (no attack may be beaten by one of a lower tier; attacks of
+    one tier are peers, of which either may leave a sample or two more correct than the other)."""
 
     name: str
     kind: str
@@ -36,6 +38,7 @@ class EvalAttack:
     alpha: float = 0.0
     restarts: int = 1
     random_start: bool = False
+    tier: int = 0
 
     def __post_init__(self):
         if self.kind not in ATTACK_KINDS:
@@ -45,6 +48,7 @@ class EvalAttack:
         check_real("alpha", self.alpha, positive=self.kind == "pgd")
         check_int("restarts", self.restarts, 1)
         check_bool("random_start", self.random_start)
+        check_int("tier", self.tier, 0)
 
     def run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             generator: torch.Generator | None = None, *, success_first: bool = True) -> torch.Tensor:
@@ -75,14 +79,14 @@ def attack_objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def attack_suite(eps: float, alpha: float, steps: int) -> list[EvalAttack]:
-    """The paper's PGD, then stronger attacks, weakest first (the order :func:`gradient_masking_check` expects):
-    PGD with 4× the steps (step 2.5ε/steps, Madry et al.'s rule) and 5 random restarts, and APGD with 4× the steps."""
+    """The paper's PGD, then two stronger attacks, peers of each other (tier 1): PGD with 4× the steps (step
+    2.5ε/steps, Madry et al.'s rule) and 5 random restarts, and APGD with 4× the steps."""
     check_int("steps", steps, 1)
     strong = 4 * steps
     return [
         EvalAttack("pgd", "pgd", eps, steps, alpha),
-        EvalAttack(f"pgd-{strong}x5", "pgd", eps, strong, 2.5 * eps / strong, restarts=5, random_start=True),
-        EvalAttack(f"apgd-{strong}", "apgd", eps, strong),
+        EvalAttack(f"pgd-{strong}x5", "pgd", eps, strong, 2.5 * eps / strong, restarts=5, random_start=True, tier=1),
+        EvalAttack(f"apgd-{strong}", "apgd", eps, strong, tier=1),
     ]
 
 
@@ -158,7 +162,7 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
     """Natural accuracy and adversarial accuracy under each attack (fractions), plus:
 
     worst: the fraction of samples that every attack fails on (per-sample worst case over the attacks);
-    masking_warnings: :func:`rmi_fast.attacks.gradient_masking_check` on [natural, attacks weakest → strongest].
+    masking_warnings: :func:`rmi_fast.attacks.gradient_masking_check` on [natural, attacks] with their tiers.
     """
     if isinstance(model, Classifier):
         check_images(images, model.encoder.config)
@@ -193,7 +197,8 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
         "attacks": {a.name: acc[a.name] for a in attacks},
         "worst": robust_all.float().mean().item(),
         "masking_warnings": gradient_masking_check([("natural", acc["natural"])]
-                                                   + [(a.name, acc[a.name]) for a in attacks]),
+                                                   + [(a.name, acc[a.name]) for a in attacks],
+                                                   tiers={a.name: a.tier for a in attacks}),
     }
 
 

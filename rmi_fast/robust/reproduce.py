@@ -59,6 +59,11 @@ class ReproduceOptions:
     train_limit: int | None = None
     test_limit: int | None = None
     threads: int | None = None
+    #: the attack's gradient also through the critic's input branch, in training and estimation (the released code
+    #: detached it: a weaker attack, so a higher worst-case MI and a lower RV)
+    attack_input_branch: bool = False
+    #: start the encoders' training over instead of resuming their checkpoints in ``out``
+    restart: bool = False
     show_progress: bool = True
 
 
@@ -83,9 +88,9 @@ def run(options: ReproduceOptions) -> dict:
     encoders, rows = {}, []
     for mode in MODES:
         t0 = time.perf_counter()
-        config = protocol_train_config(options.dataset, mode, s, mi, options.seed)
+        config = protocol_train_config(options.dataset, mode, s, mi, options.seed, options.attack_input_branch)
         result = train_encoder(config, train.images, device=device, checkpoint=out / "checkpoints" / f"{mode}.pt",
-                               show_progress=options.show_progress)
+                               resume=not options.restart, show_progress=options.show_progress)
         timing[f"train_{mode}"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -111,6 +116,7 @@ def run(options: ReproduceOptions) -> dict:
     report = {
         "dataset": options.dataset,
         "settings": {**asdict(s), "estimator": options.estimator, "diagonal": options.diagonal,
+                     "attack_input_branch": options.attack_input_branch,
                      "backend": options.backend, "seed": options.seed, "device": str(device),
                      "threads": torch.get_num_threads(), "train_size": len(train), "test_size": len(test),
                      "attacks": [asdict(a) for a in attacks]},
@@ -126,20 +132,22 @@ def run(options: ReproduceOptions) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- pieces
 
-def protocol_train_config(dataset: str, mode: str, s: ProtocolSettings, mi: MIConfig,
-                          seed: int) -> EncoderTrainConfig:
+def protocol_train_config(dataset: str, mode: str, s: ProtocolSettings, mi: MIConfig, seed: int,
+                          through_input_branch: bool = False) -> EncoderTrainConfig:
     """The encoder-training stage: the paper's architecture and attack with the schedule of ``s``."""
+    attack = AttackConfig(eps=s.eps, alpha=s.alpha, steps=s.steps, through_input_branch=through_input_branch)
     return default_train_config(dataset, mode, mi=mi, epochs=s.encoder_epochs, lr=s.encoder_lr,
-                                batch_size=s.batch_size, seed=seed,
-                                attack=AttackConfig(eps=s.eps, alpha=s.alpha, steps=s.steps),
-                                critic=_critic(s))
+                                batch_size=s.batch_size, seed=seed, attack=attack, critic=_critic(s))
 
 
-def protocol_estimation_config(train: EncoderTrainConfig, s: ProtocolSettings, seed: int) -> EstimationConfig:
+def protocol_estimation_config(train: EncoderTrainConfig, s: ProtocolSettings, seed: int,
+                               through_input_branch: bool | None = None) -> EstimationConfig:
     """The estimation stage (Algorithm 2): a fresh critic of the training critic's architecture, the same attack
-    and estimator, fitted with the schedule of ``s``."""
-    attack = AttackConfig(eps=s.eps, alpha=s.alpha, steps=s.steps,
-                          through_input_branch=train.attack.through_input_branch)
+    (its gradient through the critic's input branch as in training, unless ``through_input_branch`` says) and
+    estimator, fitted with the schedule of ``s``."""
+    if through_input_branch is None:
+        through_input_branch = train.attack.through_input_branch
+    attack = AttackConfig(eps=s.eps, alpha=s.alpha, steps=s.steps, through_input_branch=through_input_branch)
     return EstimationConfig(critic=train.critic, attack=attack, mi=train.mi, epochs=s.estimation_epochs,
                             batch_size=s.batch_size, lr=s.estimation_lr, seed=seed + 1)
 
@@ -244,7 +252,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Worst-case MI reproduction: {report['dataset']}",
         "",
-        f"ℓ∞ ε = {s['eps']:g}, PGD {s['steps']} × {s['alpha']:g}; estimator `{s['estimator']}`; "
+        f"ℓ∞ ε = {s['eps']:g}, PGD {s['steps']} × {s['alpha']:g}"
+        f"{' (also through the critic’s input branch)' if s.get('attack_input_branch') else ''}; "
+        f"estimator `{s['estimator']}`; "
         f"{s['train_size']} training / {s['test_size']} test images; device {s['device']} ({s['threads']} threads); "
         f"total {report['timing_seconds']['total']:.0f} s.",
         "",

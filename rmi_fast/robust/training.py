@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from rmi_fast.checks import check_bool
+
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .critics import Critic, CriticConfig
 from .models import Encoder, EncoderConfig
@@ -175,13 +177,21 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
     return EncoderRun(config, encoder, critic, history, step, step >= total)
 
 
-def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Encoder, EncoderTrainConfig]:
-    """The encoder of an encoder checkpoint (eval mode, on ``device``) and the config it was trained with."""
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                 allow_unfinished: bool = False) -> tuple[Encoder, EncoderTrainConfig]:
+    """The encoder of an encoder checkpoint (eval mode, on ``device``) and the config it was trained with. A run
+    stopped before its last step is refused unless ``allow_unfinished``: its encoder is not the one the config
+    describes."""
+    check_bool("allow_unfinished", allow_unfinished)
     payload = load_checkpoint(path, CHECKPOINT_KIND)
     with restoring(path, CHECKPOINT_KIND):
         config = EncoderTrainConfig.from_dict(payload["config"])
+        step, total = int(payload["step"]), int(payload["total_steps"])
         encoder = Encoder(config.encoder)
         encoder.load_state_dict(payload["encoder"])
+    if step < total and not allow_unfinished:
+        raise ValueError(f"{path} holds an unfinished run (step {step} of {total}): train-encoder with the same "
+                         "settings resumes it to the end (or load it with allow_unfinished=True)")
     return encoder.to(resolve_device(device)).eval(), config
 
 
@@ -242,6 +252,10 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+#: What a run that may not resume a checkpoint can do instead.
+_ELSEWHERE = "use another checkpoint path, or start over with resume=False (on the command line: --restart)"
+
+
 def _save(path, config, data, encoder, critic, optimizer, generator, step, total, history) -> None:
     save_checkpoint(path, {
         "config": config.to_dict(),
@@ -260,8 +274,7 @@ def _restore(path, config, data, encoder, critic, optimizer, generator) -> tuple
     payload = load_checkpoint(path, CHECKPOINT_KIND)
     if "data" not in payload:
         raise ValueError(f"{path} holds no digest of the images it was trained on (an rmi_fast older than that "
-                         "record), so this run cannot be checked to go on over the same ones; use another checkpoint "
-                         "path or resume=False")
+                         f"record), so this run cannot be checked to go on over the same ones; {_ELSEWHERE}")
     with restoring(path, CHECKPOINT_KIND):
         saved = EncoderTrainConfig.from_dict(payload["config"])
         saved_data = payload["data"]
@@ -271,11 +284,10 @@ def _restore(path, config, data, encoder, critic, optimizer, generator) -> tuple
             raise ValueError(f"step {step!r} of {saved_total!r} with a history of shape "
                              f"{tuple(getattr(history, 'shape', ()))}: they must agree")
     if saved != config:
-        raise ValueError(f"{path} holds a run with a different config; use another checkpoint path or resume=False "
-                         f"(saved: {saved}, requested: {config})")
+        raise ValueError(f"{path} holds a run with a different config; {_ELSEWHERE} (saved: {saved}, requested: "
+                         f"{config})")
     if saved_data != data:  # same config, other data: its steps would stand for other samples, epochs and batches
-        raise ValueError(f"{path} holds a run over other images ({saved_data}) than these ({data}); use another "
-                         "checkpoint path or resume=False")
+        raise ValueError(f"{path} holds a run over other images ({saved_data}) than these ({data}); {_ELSEWHERE}")
     with restoring(path, CHECKPOINT_KIND):
         encoder.load_state_dict(payload["encoder"])
         critic.load_state_dict(payload["critic"])
