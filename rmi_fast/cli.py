@@ -100,6 +100,8 @@ def _bench(args: argparse.Namespace) -> int:
     from rmi_fast import bench
     from rmi_fast.bench import report
 
+    if args.markdown:
+        report.check_markdown_target(args.markdown)  # before the run, not after it
     if args.from_json:
         result = report.load(args.from_json)
         print(report.table(result))
@@ -146,7 +148,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-time", type=_positive(float), metavar="S",
                    help="stop repeating a pass after S seconds (at least 3 repetitions; default 10, 3 quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the inputs")
     p.add_argument("--json", metavar="FILE", help="write the report (device, versions, rows) as JSON")
     p.add_argument("--append", action="store_true",
                    help="add to the --json report of an earlier run on this device (rows measured again replace "
@@ -154,7 +156,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--plot", type=_png, metavar="FILE.png",
                    help="speedups over eager; with --scaling, time and memory against B and D")
     p.add_argument("--markdown", metavar="FILE",
-                   help="write the headline table as markdown (between the markers, where the file has them)")
+                   help="write the headline table as markdown (into an existing file only between its markers)")
     p.add_argument("--from-json", metavar="FILE", help="render a saved report (table, --markdown, --plot); no run")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.set_defaults(func=_bench)
@@ -178,6 +180,9 @@ def _tune(args: argparse.Namespace) -> int:
     from rmi_fast import tuning
     from rmi_fast.bench import tune
 
+    if args.quick and args.install:  # its few tiny shapes would then decide "auto" at every size on this device
+        raise SystemExit("rmi-fast tune: error: --quick measures a toy grid: its table cannot be --install-ed "
+                         "(write it elsewhere with --table)")
     if args.from_json:
         try:
             table = tune.table_from_report(args.from_json)

@@ -101,7 +101,7 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
     if not -math.inf < scale < math.inf:  # comparisons, not math.isfinite: they trace under torch.compile(dynamic=True)
-        raise ValueError(f"{name} must be finite, got {scale}")
+        raise ValueError(f"{name} must be finite, got {_shown(scale)}")
     if not -torch.finfo(dtype).max <= scale <= torch.finfo(dtype).max:
         raise ValueError(f"{name} overflows the scores' {dtype}: |{name}| > {torch.finfo(dtype).max:.4g}")
     return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
@@ -127,14 +127,23 @@ def _temperature_scale(temperature, like: torch.Tensor) -> torch.Tensor:
     """scale = 1/temperature as a 0-d tensor, for a positive finite temperature whose inverse fits the scores."""
     tau = _check_positive("temperature", temperature)
     if not 1.0 / tau <= torch.finfo(stat_dtype(like)).max:
-        raise ValueError(f"temperature={tau!r} is too small: the scale 1/temperature overflows the scores' "
+        raise ValueError(f"temperature={_shown(tau)} is too small: the scale 1/temperature overflows the scores' "
                          f"{stat_dtype(like)}")
     return _scale_tensor("temperature", 1.0 / tau, like)
 
 
+def _shown(value) -> str:
+    """A bad argument as its message shows it. While torch.compile traces, a number is not shown: it may be a symbol
+    (dynamic=True, or once it has changed between calls), whose formatting would break the trace and replace this
+    message with the compiler's."""
+    if torch.compiler.is_compiling() and isinstance(value, numbers.Real):
+        return "a value outside that range (traced by torch.compile)"
+    return repr(value)
+
+
 def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number, got {_shown(value)}")
     return float(value)
 
 
@@ -169,7 +178,7 @@ def _paired_scores(x3: torch.Tensor, y3: torch.Tensor, scale: torch.Tensor) -> t
 
 def _check_fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        raise ValueError(f"{name} must be a number in [0, 1), got {_shown(value)}")
     return float(value)
 
 
@@ -403,7 +412,7 @@ class MINE:
 
     def __init__(self, momentum: float = 0.99, **bound_kwargs):
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+            raise ValueError(f"momentum must lie in [0, 1), got {_shown(momentum)}")
         _check_mine_options(bound_kwargs)
         self.momentum = float(momentum)
         self.log_ema: torch.Tensor | None = None

@@ -100,6 +100,8 @@ def test_append_continues_an_earlier_report(quick_run, tmp_path):
     (lambda r: r["rows"][1].pop("impl"), "rows[1] needs a string 'impl', got None"),
     (lambda r: r["rows"][0].update(median_ms="x"), "rows[0] 'median_ms' must be a number or null, got 'x'"),
     (lambda r: r.update(device_info=3), "'device_info' must be an object, got int"),
+    (lambda r: r["rows"][0].pop("B"), "rows[0] needs a positive integer 'B', got None"),
+    (lambda r: r["rows"][0].update(bound=None), "rows[0] needs a string 'bound', got None"),
 ])
 def test_rerender_refuses_a_malformed_report(quick_run, tmp_path, capsys, edit, words):
     _, files = quick_run
@@ -120,6 +122,10 @@ def test_rerender_refuses_a_malformed_report(quick_run, tmp_path, capsys, edit, 
     (["bench", "--impls", "rmi_fast*,no-such-impl"], "--impls no-such-impl matches no implementation"),
     (["bench", "--device", "tpu"], "--device must be"),
     (["bench", "--quick", "--device", "cuda"], None),
+    (["bench", "--quick", "--impls", "memeff,inf-cl"], "--impls memeff,inf-cl selects no implementation of the "
+                                                       "selected cases on cpu"),
+    (["bench", "--seed", str(2**64)], "expected an integer in [0, 2**63)"),
+    (["tune", "--quick", "--install"], "its table cannot be --install-ed"),
 ])
 def test_bad_arguments_are_explained(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -128,6 +134,38 @@ def test_bad_arguments_are_explained(argv, message, capsys):
     text = str(exc.value.code) + capsys.readouterr().err
     if message:
         assert message in text
+
+
+def test_rerender_keeps_a_row_without_its_p80_and_spares_a_file_without_markers(quick_run, tmp_path, capsys):
+    _, files = quick_run
+    report = json.loads(files["json"].read_text())
+    report["rows"][0]["p80_ms"] = None
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(report))
+    assert cli.main(["bench", "--from-json", str(partial), "--markdown", str(tmp_path / "new" / "table.md")]) == 0
+    assert "| nwj/B" in (tmp_path / "new" / "table.md").read_text()
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("my notes\n")
+    capsys.readouterr()
+    assert cli.main(["bench", "--from-json", str(partial), "--markdown", str(notes)]) == 2
+    assert f"--markdown {notes}: the file exists without the markers" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"
+
+
+def test_peers_are_checked_against_ours_when_ours_are_not_selected(monkeypatch, tmp_path):
+    """--impls eager alone: its value is still checked against an rmi_fast backend before it is timed."""
+    build = impls.Eager.build
+
+    def off_by_two(self, case, inputs, device):
+        fn = build(self, case, inputs, device)
+        return lambda: 2 * fn()
+
+    monkeypatch.setattr(impls.Eager, "build", off_by_two)
+    out = tmp_path / "eager.json"
+    cli.main(["bench", "--quick", "--cases", "nwj", "--impls", "eager", "--passes", "fwd+bwd", "--repeats", "1",
+              "--max-time", "0.1", "--no-memory", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["median_ms"] is None and r["error"].startswith("mismatch: value") for r in rows)
 
 
 def test_registry_names_are_unique_and_every_impl_is_findable():

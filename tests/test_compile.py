@@ -207,3 +207,20 @@ def test_cuda_graph_capture_and_replay(positives):
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encoder.weight.grad, ref_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda z, v: rf.nt_xent_loss(z, temperature=v), "temperature must be a positive finite number"),
+    (lambda z, v: rf.infonce_loss(z, z, label_smoothing=v), "label_smoothing must be a number in [0, 1)"),
+], ids=["temperature", "label_smoothing"])
+def test_a_bad_traced_number_still_gets_its_message(call, words):
+    """Once a float argument has changed between calls torch.compile traces it as a symbol: a bad value must still
+    raise with the argument's name, not with the compiler's complaint about formatting the symbol."""
+    compiled = torch.compile(call, fullgraph=True)
+    z = torch.randn(8, 4)
+    for good in (0.25, 0.5):
+        compiled(z, good)
+    with pytest.raises(Exception) as info:
+        compiled(z, -1.0 if "temperature" in words else 1.5)
+    explanation = str(info.value).split("from user code")[0]  # not the source lines it quotes (this test's among them)
+    assert words in explanation, explanation

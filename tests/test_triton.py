@@ -559,9 +559,9 @@ def sm90_launches():
 @pytest.mark.slow
 def test_launches_compile_for_sm90_without_spills(sm90_launches):
     """Every launcher variant compiles for sm_90 as launched (Triton's specialisation on the arguments included), fits
-    a block's shared memory, and no kernel spills registers to local memory. Their tensor-core products are Hopper's wgmma (HGMMA) and,
-    for contiguous inputs, their tiles are staged asynchronously (cp.async or TMA); strided inputs compile too, to
-    plain loads, still without spills."""
+    a block's shared memory, and no kernel spills registers to local memory. Their tensor-core products are Hopper's
+    wgmma (HGMMA) and, for contiguous inputs, their tiles are staged asynchronously (cp.async or TMA); strided inputs
+    compile too, to plain loads, still without spills."""
     variants = {(r["precision"], r["D"], r["variant"]) for r in sm90_launches}
     assert len(variants) == 13 + 1 + 2 + 2 + 4, sorted(variants)
     forward_rows = {r["constants"]["BLOCK_M"] for r in sm90_launches if r["kernel"] == "lse_kernel"}

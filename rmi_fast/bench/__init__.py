@@ -41,12 +41,15 @@ def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, ca
     suite = cases_mod.suite_name(device, quick=quick, scaling=scaling)
     selected = _selected(device, quick, scaling, case_patterns)
     if impl_patterns:
-        from .impls import matches, registry
+        from .impls import for_case, matches, registry
 
         known = [i.name for i in registry()]
         unmatched = [p for p in impl_patterns if not any(matches(name, [p]) for name in known)]
         if unmatched:
             raise ValueError(f"--impls {','.join(unmatched)} matches no implementation; known: {', '.join(known)}")
+        if not any(matches(i.name, impl_patterns) for case in selected for i in for_case(case, device)):
+            raise ValueError(f"--impls {','.join(impl_patterns)} selects no implementation of the selected cases on "
+                             f"{device} (the GPU peers run on CUDA devices only)")
     if passes is None:
         passes = ("fwd+bwd",) if quick or scaling else cases_mod.PASSES
     opts = runner.Options(

@@ -25,10 +25,11 @@ def load(path: str | Path) -> dict:
     return report
 
 
-#: The fields of a row that the table and the plots read: names, and measurements (numbers, or null when missing).
-_ROW_TEXT = ("case", "impl", "pass")
-_ROW_NUMBERS = ("B", "D", "G", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "tflops", "speedup_vs_eager",
-                "pct_gemm")
+#: The fields of a row that the table and the plots read: names, the shape, and measurements (numbers, or null when
+#: missing).
+_ROW_TEXT = ("case", "impl", "pass", "bound", "dtype")
+_ROW_SHAPE = ("B", "D", "G")
+_ROW_NUMBERS = ("median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "tflops", "speedup_vs_eager", "pct_gemm")
 _ROW_NOTES = ("error", "note", "memory_error")
 
 
@@ -39,6 +40,10 @@ def _row_problem(row) -> str | None:
     for key in _ROW_TEXT:
         if not isinstance(row.get(key), str):
             return f"needs a string '{key}', got {row.get(key)!r}"
+    for key in _ROW_SHAPE:
+        value = row.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"needs a positive integer '{key}', got {value!r}"
     for key in _ROW_NUMBERS:
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -66,7 +71,7 @@ def _ms(v: float) -> str:
 
 def _cells(row: dict, gpu: bool) -> list[str]:
     spread = ""
-    if row.get("p20_ms") is not None:
+    if row.get("p20_ms") is not None and row.get("p80_ms") is not None:
         spread = f"{_ms(row['p20_ms'])}–{_ms(row['p80_ms'])}"
     note = row.get("error") or row.get("note") or row.get("memory_error") or ""
     if row.get("error"):
@@ -129,10 +134,20 @@ def write_markdown(report: dict, path: str | Path) -> None:
     path = Path(path)
     block = markdown(report)
     if path.exists():
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
-            return
+        check_markdown_target(path)
+        head, rest = path.read_text().split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(block)
+
+
+def check_markdown_target(path: str | Path) -> None:
+    """An existing file is written only between its markers: one without them (a README, say) is refused whole."""
+    path = Path(path)
+    if path.is_file():
+        text = path.read_text()
+        if BEGIN not in text or END not in text:
+            raise ValueError(f"--markdown {path}: the file exists without the markers {BEGIN} and {END} between "
+                             "which the table goes; refusing to overwrite it")
