@@ -309,10 +309,12 @@ def apgd(loss_fn: LossFn, x: torch.Tensor, *, eps: float, steps: int, norm: str 
          models: Iterable[nn.Module] | nn.Module = (), generator: torch.Generator | None = None) -> torch.Tensor:
     """Auto-PGD (Croce & Hein, ICML 2020): PGD with momentum and a step size that adapts to the progress made.
 
-    Starts from a random point of the ball (as in the reference implementation; every restart draws a new one), uses
-    η = 2ε, halves η at checkpoints where the loss stopped rising and restarts from the best point then (see
-    :func:`apgd_checkpoints`); the best iterate of each sample over all steps and restarts is returned. Costs
-    ``restarts·(steps + 1)`` forward/backward passes.
+    Starts from a random point of the ball, uniform as :func:`pgd`'s (every restart draws a new one; the reference
+    implementation scales its draw out to the ball's boundary), uses η = 2ε, halves η at checkpoints where the loss
+    stopped rising and restarts from the best point then (see :func:`apgd_checkpoints`; the conditions as the paper
+    states them, so the second may already halve η at the first checkpoint, which the reference implementation
+    skips); the best iterate of each sample over all steps and restarts is returned. Costs ``restarts·(steps + 1)``
+    forward/backward passes.
 
     Args:
         loss_fn: x_adv (N, ...) → (N,) per-sample losses to maximise (e.g. cross-entropy with reduction="none";
