@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 from rmi_fast.cli import main
 from rmi_fast.robust.checkpoint import load_checkpoint, save_checkpoint
