@@ -199,8 +199,21 @@ class _Evil:
         return (print, ("pwned",))
 
 
+def _crafted_batch(data: bytes, labels: bytes = b"](K\x01K\x02e") -> bytes:
+    """A protocol-2 pickle of {"data": <data>, "labels": <labels>}, the two values given as raw opcodes."""
+    return b"\x80\x02}(X\x04\x00\x00\x00data" + data + b"X\x06\x00\x00\x00labels" + labels + b"u."
+
+
+_EMPTY_ARRAY = b"cnumpy\nndarray\n(K\x02M\x00\x0c\x86X\x02\x00\x00\x00u1tR"  # numpy.ndarray((2, 3072), "u1")
+
+
 @pytest.mark.parametrize("payload, words", [
     (b"definitely not a pickle", "not a CIFAR-10 python batch"),
+    # globals called with arguments of the file's choosing: uninitialised memory, a huge buffer, an unknown codec
+    (_crafted_batch(_EMPTY_ARRAY), "numpy.ndarray called directly"),
+    (_crafted_batch(b"](K\x01e", b"c__builtin__\nbytes\n(\x8a\x06\x00\xa0rN\x18\x09tR"), "bytes(...) with arguments"),
+    (_crafted_batch(b"c_codecs\nencode\n(X\x03\x00\x00\x00abcX\x06\x00\x00\x00latjn1tR"), "LookupError"),
+    (b"\x80\x05\x95" + struct.pack("<Q", 2**63) + b"}.", "OverflowError"),  # a frame longer than any file
     (pickle.dumps([1, 2, 3]), "expected a dict"),
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}), "expected keys b'data' and b'labels'"),
     (pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}), "shape (N, 3072)"),

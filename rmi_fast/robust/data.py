@@ -16,6 +16,7 @@ conventional sub-folder named in :data:`DATASETS`), and a missing or malformed f
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import importlib
 import math
@@ -279,21 +280,34 @@ def _read_idx_pair(info: DatasetInfo, images_path: Path, labels_path: Path) -> t
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a CIFAR batch needs nothing else, and no code runs."""
+    """Unpickles plain containers and numpy arrays only: a CIFAR batch needs nothing else, and no code runs.
+
+    The globals a batch names are callables the pickle calls with arguments of its own choosing, so each is handed
+    out in a form that does only what a written array needs: ``numpy.ndarray`` as a token that only ``_reconstruct``
+    accepts, and only for the empty array that the array's state then fills (called itself it would return
+    uninitialised memory of any size), ``bytes`` for the empty buffer only, ``_codecs.encode`` for latin-1 only."""
 
     _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
                 ("_codecs", "encode"),  # how Python 3 writes bytes in pickle protocols 0-2
                 ("__builtin__", "bytes"), ("builtins", "bytes")}  # ... and empty bytes (an empty array's buffer)
+    class _NdarrayToken:
+        def __call__(self, *args, **kwargs):
+            raise pickle.UnpicklingError("numpy.ndarray called directly (an uninitialised array) is not allowed in a "
+                                         "CIFAR-10 batch")
+
+    _NDARRAY = _NdarrayToken()
 
     def find_class(self, module, name):
         canonical = module.replace("numpy._core", "numpy.core")
         if (canonical, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
         if module == "_codecs":
-            return codecs.encode
+            return _latin1_encode
         if name == "bytes":
-            return bytes
+            return _empty_bytes
+        if (canonical, name) == ("numpy", "ndarray"):
+            return self._NDARRAY
         if module == "numpy":
             return getattr(np, name)
         submodule = canonical.rsplit(".", 1)[1]
@@ -301,7 +315,30 @@ class _CifarUnpickler(pickle.Unpickler):
             found = importlib.import_module(f"numpy._core.{submodule}")
         except ImportError:  # numpy < 2
             found = importlib.import_module(f"numpy.core.{submodule}")
+        if name == "_reconstruct":
+            return functools.partial(_empty_array, found._reconstruct, self._NDARRAY)
         return getattr(found, name)
+
+
+def _empty_array(reconstruct, token, cls, shape, dtype):
+    """numpy's _reconstruct as pickles call it for an array: an empty ndarray, which BUILD then fills from its state."""
+    if cls is not token or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("an array may only be rebuilt as numpy writes it (an empty ndarray, then its "
+                                     "state)")
+    return reconstruct(np.ndarray, (0,), dtype)
+
+
+def _empty_bytes(*args):
+    if args:
+        raise pickle.UnpicklingError("bytes(...) with arguments is not allowed in a CIFAR-10 batch")
+    return b""
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how a batch "
+                                     "stores bytes")
+    return text.encode("latin-1")
 
 
 def _read_cifar_batch(path: Path, num_classes: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +346,9 @@ def _read_cifar_batch(path: Path, num_classes: int, size: int) -> tuple[np.ndarr
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+    except OSError:
+        raise
+    except Exception as err:  # any failure of a damaged pickle (UnpicklingError, EOFError, OverflowError, ...)
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from err
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a dict with b'data' and b'labels', got {type(batch).__name__}")
