@@ -40,6 +40,32 @@ def tolerance(dtype: torch.dtype) -> dict:
         dtype, dict(atol=3e-2, rtol=3e-2))
 
 
+def check_non_finite_like_torch(backend, x, y, scale, spec, tol: dict) -> None:
+    """A backend's statistics and (dx, dy, dscale) for unit weights, on inputs holding a non-finite entry, against the
+    torch backend on the same values in fp64: the statistics equal (+∞ for +∞, NaN for NaN); each gradient is finite
+    and close wherever torch's is, and not finite throughout where torch's is not. (Past the entries a non-finite
+    input must reach, backends differ: a product ∞·0 or NaN·0 with an excluded diagonal entry is NaN in a dense
+    matmul, 0 where a tile skips it.)"""
+    G = max(x.shape[0], y.shape[0])
+    weights = [torch.ones(shape, device=x.device) for shape in spec.stat_shapes(G, x.shape[1], y.shape[1])]
+    results = []
+    for b, (xb, yb) in ((backend, (x, y)), (backends.get("torch"), (x.double(), y.double()))):
+        sb = scale.to(xb.dtype if xb.dtype == torch.float64 else torch.float32)
+        stats = b.stats(xb, yb, sb, spec)
+        results.append([*stats, *b.grads(xb, yb, sb, spec, stats, weights, (True, True, True))])
+    clamped = spec.transform == "clip" and not (x.isnan().any() or y.isnan().any())  # ±∞ clamped to ±clip
+    assert clamped == all(torch.isfinite(t).all() for t in results[1][:spec.n_stats])  # the case reaches one
+    for k, (got, want) in enumerate(zip(*results)):
+        got, want = got.double().cpu(), want.double().cpu()
+        if k < spec.n_stats:
+            torch.testing.assert_close(got, want, **tol, equal_nan=True)
+        else:
+            finite = torch.isfinite(want)
+            assert torch.isfinite(got[finite]).all(), f"gradient {k - spec.n_stats}: not finite where torch's is"
+            torch.testing.assert_close(got[finite], want[finite], **tol)
+            assert finite.all() or not torch.isfinite(got).all(), f"gradient {k - spec.n_stats}: finite throughout"
+
+
 @pytest.fixture
 def torch_threads():
     """torch.set_num_threads for one test; the previous thread count comes back afterwards."""

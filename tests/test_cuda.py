@@ -18,7 +18,7 @@ from rmi_fast import backends
 from rmi_fast import reference as R
 from rmi_fast.ops.spec import PairSpec
 
-from conftest import tolerance
+from conftest import check_non_finite_like_torch, tolerance
 
 
 def _compiled():
@@ -250,29 +250,13 @@ def test_infinite_scores_give_what_torch_gives(name, precision):
     spec = SPECS[name]
     x, y = _operands((1, 1, 70, 70, 16), torch.bfloat16 if precision == "bf16" else torch.float32)
     x[0, 5, 3] = float("inf")
-    scale = torch.tensor(1.0, device="cuda")
-    weights = [torch.ones(s, device="cuda") for s in spec.stat_shapes(1, 70, 70)]
+    tol = dict(atol=2e-2, rtol=2e-2) if precision != "precise" else tolerance(torch.float32)
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        results = []
-        # the torch backend on the same (rounded) values in fp64: exact scores, the same non-finite entries
-        for b, (xb, yb) in ((backends.get("cuda"), (x, y)), (backends.get("torch"), (x.double(), y.double()))):
-            stats = b.stats(xb, yb, scale.to(xb.dtype), spec)
-            results.append([*stats, *b.grads(xb, yb, scale.to(xb.dtype), spec, stats, weights, (True, True, True))])
+        check_non_finite_like_torch(backends.get("cuda"), x, y, torch.tensor(1.0, device="cuda"), spec, tol)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-    clamped = spec.transform == "clip"  # SMILE's clamp takes ±∞ to ±clip: finite statistics
-    assert clamped == all(torch.isfinite(t).all() for t in results[1][:spec.n_stats])
-    tol = dict(atol=2e-2, rtol=2e-2) if precision != "precise" else tolerance(torch.float32)
-    for k, (got, want) in enumerate(zip(*results)):
-        got, want = got.double(), want.double()
-        if k < spec.n_stats:  # +∞ where torch has +∞ (the NaN of ∞ − ∞ was the bug)
-            torch.testing.assert_close(got, want, **tol, equal_nan=True)
-        else:  # a gradient through an infinite score: non-finite where torch's is (∞·0 may be NaN or ∞ by order)
-            finite = torch.isfinite(want)
-            assert torch.equal(torch.isfinite(got), finite)
-            torch.testing.assert_close(got[finite], want[finite], **tol)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ from rmi_fast import reference as R
 from rmi_fast.ops.pairwise import pair_reduce
 from rmi_fast.ops.spec import PairSpec
 
-from conftest import tolerance
+from conftest import check_non_finite_like_torch, tolerance
 
 pytestmark = [
     pytest.mark.skipif(backends.get("triton").unavailable() is not None,
@@ -444,6 +444,15 @@ def test_non_finite_scores_give_what_torch_gives(spec, entry, fused):
         torch.testing.assert_close(ours, torch_backend, **FP32, equal_nan=True)
 
 
+@pytest.mark.parametrize("spec", list(NON_FINITE_SPECS))
+@pytest.mark.parametrize("entry", ["inf", "nan"])
+def test_non_finite_scores_reach_every_gradient_as_torch_gives(spec, entry):
+    """The same inputs through the backend's statistics and gradients for both operands and the scale."""
+    x, y = (t.detach() for t in _inputs((2, 17, 8), (1, 17, 8), seed=12))
+    x[0, 5, 3] = float(entry)
+    check_non_finite_like_torch(_backend(), x, y, torch.tensor(1.0, device=DEVICE), NON_FINITE_SPECS[spec], FP32)
+
+
 # --------------------------------------------------------------------------------------------------- availability
 
 def test_backend_is_listed_and_refuses_what_it_cannot_serve():
@@ -722,6 +731,20 @@ def test_gpu_paper_critic_shape(variant, split):
     assert _rel_err(stats[0], ref_stats[0]) < 1e-4
     for got, want, eager in zip(grads, ref_grads, eager_grads):
         assert _rel_err(got, want) <= max(2 * _rel_err(eager, want), 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+@pytest.mark.parametrize("entry", ["inf", "nan"])
+@pytest.mark.parametrize("spec", list(NON_FINITE_SPECS))
+def test_gpu_non_finite_scores_give_what_torch_gives(spec, entry, precision):
+    """The compiled kernels on inputs with an infinite or NaN entry, across several tiles: statistics as torch's
+    (+∞ from a +∞ score, NaN kept through SMILE's clamp), gradients finite and close wherever torch's are."""
+    x, y = (t.detach() for t in _inputs((2, 300, 96), (1, 300, 96), seed=13,
+                                         dtype=torch.bfloat16 if precision == "bf16" else torch.float32))
+    x[0, 150, 7] = float(entry)
+    tol = FP32 if precision == "ieee" else dict(atol=2e-2, rtol=2e-2)
+    check_non_finite_like_torch(_backend(), x, y, torch.tensor(1.0, device=DEVICE), NON_FINITE_SPECS[spec], tol)
 
 
 @pytest.mark.gpu
