@@ -291,6 +291,7 @@ class _CifarUnpickler(pickle.Unpickler):
                 ("numpy.core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
                 ("_codecs", "encode"),  # how Python 3 writes bytes in pickle protocols 0-2
                 ("__builtin__", "bytes"), ("builtins", "bytes")}  # ... and empty bytes (an empty array's buffer)
+
     class _NdarrayToken:
         def __call__(self, *args, **kwargs):
             raise pickle.UnpicklingError("numpy.ndarray called directly (an uninitialised array) is not allowed in a "
