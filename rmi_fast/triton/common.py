@@ -157,6 +157,11 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+def on_fma_units(dtype: torch.dtype, device: torch.device) -> bool:
+    """fp32 products without TF32: on the FMA units, with their operand tiles in registers (fewer left for tiles)."""
+    return dtype == torch.float32 and dot_precision(dtype, device) != "tf32"
+
+
 def interpreted(device: torch.device) -> bool:
     """Whether launches for ``device`` run under Triton's interpreter: any but a CUDA device, except while they are
     compiled for a GPU offline (:mod:`.offline`), which takes the GPU's tile configurations."""
@@ -191,7 +196,7 @@ def tile_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat1
                     num_stages=1)
     if whole_rows:
         return dict(BLOCK_M=64, BLOCK_N=whole_n, BLOCK_K=32, BLOCK_D=64, num_warps=8, num_stages=2)
-    fma = dtype == torch.float32 and dot_precision(dtype, device) != "tf32"
+    fma = on_fma_units(dtype, device)
     if dtype != torch.float32:
         widest = 256 if atomic else 512
     else:
@@ -211,7 +216,7 @@ def whole_max_rows(device: torch.device, dtype: torch.dtype, columns: bool = Fal
         return 256
     if dtype != torch.float32:
         return 128 if columns else 256
-    return 128 if dot_precision(dtype, device) == "tf32" else 0
+    return 0 if on_fma_units(dtype, device) else 128
 
 
 def fwd_config(device: torch.device, rows: int = 0, groups: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -221,8 +226,7 @@ def fwd_config(device: torch.device, rows: int = 0, groups: int = 1, dtype: torc
     (32 B with SMILE's clamp). To be tuned on an H100."""
     if interpreted(device):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
-    fma = dtype == torch.float32 and dot_precision(dtype, device) != "tf32"
-    if fma or triton.cdiv(rows, 128) * groups < SMS:
+    if on_fma_units(dtype, device) or triton.cdiv(rows, 128) * groups < SMS:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 
