@@ -194,6 +194,16 @@ def test_cifar_round_trip(tmp_path, subdir, str_keys, protocol):
         _assert_round_trip(loaded, data.reshape(n, 3, 32, 32), labels)
 
 
+def test_cifar_limit_reads_only_the_batches_it_needs(tmp_path):
+    data, labels = _write_cifar(tmp_path, np.random.default_rng(5), n=3)["train"]
+    (tmp_path / "data_batch_3").write_bytes(b"damaged")  # a limit within the first two batches never opens it
+    for limit in (2, 3, 4, 6):  # within the first batch, all of it, across into the second, both whole
+        _assert_round_trip(load_dataset("cifar10", "train", data_dir=tmp_path, limit=limit),
+                           data[:limit].reshape(limit, 3, 32, 32), labels[:limit])
+    with pytest.raises(ValueError, match="data_batch_3"):
+        load_dataset("cifar10", "train", data_dir=tmp_path, limit=7)
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))
@@ -255,6 +265,8 @@ def test_svhn_round_trip(tmp_path, subdir):
         assert loaded.images.shape == (4, 3, 32, 32)
         assert loaded.images[2, 1, 7, 30] * 255 == pytest.approx(float(X[7, 30, 1, 2]))  # X[row, col, channel, n]
         _assert_round_trip(loaded, X.transpose(3, 2, 0, 1), np.array([0, 1, 5, 9]))  # 10 is the digit 0
+    _assert_round_trip(load_dataset("svhn", "train", data_dir=tmp_path, limit=3), X.transpose(3, 2, 0, 1)[:3],
+                       np.array([0, 1, 5]))
 
 
 def test_malformed_svhn_names_the_file(tmp_path):

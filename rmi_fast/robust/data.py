@@ -24,6 +24,7 @@ import numbers
 import pickle
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
         split: ``"train"`` or ``"test"``.
         data_dir: folder holding the published files (or their conventional sub-folder, see ``DatasetInfo.subdirs``);
             required for every dataset but ``"digits"``, where it is ignored.
-        limit: keep only the first ``limit`` samples (all when None).
+        limit: keep only the first ``limit`` samples (all when None); only the files (CIFAR-10 batches) and pages
+            (SVHN) that hold them are read.
 
     Returns:
         A :class:`Split` with images (N, C, H, W) float32 in [0, 1] and labels (N,) int64.
@@ -162,21 +164,36 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     info = DATASETS[name]
     if name == "digits":
-        images, labels = _load_digits(split)
+        images, labels = _read_chunks([_load_digits(split)], limit)
     else:
         if data_dir is None:
             raise ValueError(f"data_dir is required for {name!r}: point it at a local copy of "
                              f"{', '.join(info.files(split))} (nothing is downloaded)")
-        images, labels = _READERS[name](info, *_locate(info, split, Path(data_dir)))
+        images, labels = _read_chunks(_READERS[name](info, *_locate(info, split, Path(data_dir))), limit)
         if len(images) == 0:
             raise ValueError(f"{name} {split} split: its files in {str(data_dir)!r} hold no images")
-    if limit is not None:
-        images, labels = images[:int(limit)], labels[:int(limit)]
     if images.dtype == np.uint8:  # the published 8-bit formats
         images = images.astype(np.float32, order="C")
         images /= 255
     return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
                  torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), name, split)
+
+
+def _read_chunks(chunks: Iterable[tuple[np.ndarray, np.ndarray]], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (images, labels) of a reader's chunks (one per file, in order), joined; with a limit only the first chunks
+    that hold ``limit`` samples are read (a CIFAR-10 smoke run reads one of its five batches, not all of them)."""
+    kept, count = [], 0
+    limit = None if limit is None else int(limit)
+    for images, labels in chunks:
+        if limit is not None:
+            images, labels = images[:limit - count], labels[:limit - count]
+        kept.append((images, labels))
+        count += len(labels)
+        if limit is not None and count >= limit:
+            break
+    if len(kept) == 1:
+        return kept[0]
+    return np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -266,7 +283,7 @@ def _check_labels(path: Path, labels: np.ndarray, n: int, num_classes: int) -> n
     return labels.astype(np.int64)
 
 
-def _read_idx_pair(info: DatasetInfo, images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_idx_pair(info: DatasetInfo, images_path: Path, labels_path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """MNIST-style images (magic 0x00000803: uint8 N×H×W) and labels (0x00000801: uint8 N) → (N, 1, H, W), (N,)."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     size = info.image_size
@@ -276,7 +293,7 @@ def _read_idx_pair(info: DatasetInfo, images_path: Path, labels_path: Path) -> t
     if labels.dtype != np.uint8 or labels.ndim != 1:
         raise ValueError(f"{labels_path}: expected a uint8 label vector (magic 0x00000801), got {labels.dtype} "
                          f"{labels.shape}")
-    return images[:, None], _check_labels(labels_path, labels, len(images), info.num_classes)
+    yield images[:, None], _check_labels(labels_path, labels, len(images), info.num_classes)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -371,13 +388,16 @@ def _read_cifar_batch(path: Path, num_classes: int, size: int) -> tuple[np.ndarr
     return data.reshape(-1, 3, size, size), _check_labels(path, labels, len(data), num_classes)
 
 
-def _read_cifar(info: DatasetInfo, *paths: Path) -> tuple[np.ndarray, np.ndarray]:
-    batches = [_read_cifar_batch(p, info.num_classes, info.image_size) for p in paths]
-    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+def _read_cifar(info: DatasetInfo, *paths: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for path in paths:
+        yield _read_cifar_batch(path, info.num_classes, info.image_size)
 
 
-def _read_svhn(info: DatasetInfo, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """SVHN cropped digits: X uint8 (32, 32, 3, N), y (N, 1) in 1..10 with 10 for the digit 0 → (N, 3, 32, 32), (N,)."""
+def _read_svhn(info: DatasetInfo, path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """SVHN cropped digits: X uint8 (32, 32, 3, N), y (N, 1) in 1..10 with 10 for the digit 0 → (N, 3, 32, 32), (N,).
+
+    X is a view of the mapped file, whose images are its last axis in MATLAB's column-major order, so the first N
+    images are the first N·3072 bytes: a limited read touches only those."""
     mat = read_numeric_arrays(path)  # our strict reader: scipy's can crash the process on a damaged file
     X, y = mat.get("X"), mat.get("y")
     if X is None or y is None:
@@ -393,7 +413,7 @@ def _read_svhn(info: DatasetInfo, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if n and (y.min() < 1 or y.max() > 10 or np.any(y != np.round(y))):
         raise ValueError(f"{path}: SVHN labels must be integers in 1..10 (10 = digit 0), got values in "
                          f"[{y.min()}, {y.max()}]")
-    return X.transpose(3, 2, 0, 1), y.astype(np.int64) % 10
+    yield X.transpose(3, 2, 0, 1), y.astype(np.int64) % 10
 
 
 _READERS = {"mnist": _read_idx_pair, "fashion-mnist": _read_idx_pair, "cifar10": _read_cifar, "svhn": _read_svhn}

@@ -16,6 +16,8 @@ column-major.
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -69,14 +71,18 @@ def read_numeric_arrays(path: str | Path) -> dict[str, np.ndarray]:
             any size or type in it disagrees with its contents.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if len(raw) < 128:
-        raise ValueError(f"{path}: not a MATLAB 5/7 MAT-file (only {len(raw)} bytes; the header alone takes 128)")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 128:
+            raise ValueError(f"{path}: not a MATLAB 5/7 MAT-file (only {size} bytes; the header alone takes 128)")
+        # Mapped, not read: uncompressed arrays come back as views of the file, so their pages are read when used
+        # (the first images of SVHN's 225 MB training set without the rest) and never copied.
+        raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     order = {b"IM": "<", b"MI": ">"}.get(raw[126:128])
     if order is None or struct.unpack(order + "H", raw[124:126])[0] != 0x0100:
         hint = " (v7.3 files are HDF5: save with -v7)" if raw[:19] == b"MATLAB 7.3 MAT-file" else ""
         raise ValueError(f"{path}: not a MATLAB 5/7 MAT-file (header version or byte-order mark){hint}")
-    top = _Reader(raw[128:], order, str(path))
+    top = _Reader(memoryview(raw)[128:], order, str(path))
     arrays = {}
     while top.left() >= 8:
         kind, body = top.element()
