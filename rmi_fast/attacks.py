@@ -256,6 +256,7 @@ def pgd(loss_fn: LossFn, x: torch.Tensor, *, eps: float, alpha: float, steps: in
 
 def apgd_checkpoints(steps: int) -> list[int]:
     """APGD's checkpoints w_j = ⌈p_j·N⌉ < N: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)."""
+    steps = check_int("steps", steps, 0)
     p_prev, p, points = 0.0, 0.22, []
     while p < 1.0:
         w = math.ceil(p * steps - 1e-9)
@@ -376,6 +377,8 @@ def gradient_masking_check(results, *, tolerance: float | None = None,
         if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
             raise TypeError(f"results must be (attack_name, accuracy) pairs, got {item!r}")
         name, acc = item
+        if any(name == seen for seen, _ in pairs):  # tiers and the messages name attacks: one entry per name
+            raise ValueError(f"results: {name!r} appears twice; give each attack a name of its own")
         acc = check_real(f"results[{name!r}]", acc)
         if acc > 100:
             raise ValueError(f"results[{name!r}] must be an accuracy, a fraction in [0, 1] or a percentage in "

@@ -43,6 +43,15 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_instance(name: str, value, cls: type | tuple[type, ...]):
+    """An instance of ``cls`` (a class or a tuple of them; ``type(None)`` among them allows None)."""
+    if not isinstance(value, cls):
+        classes = cls if isinstance(cls, tuple) else (cls,)
+        wanted = " or ".join("None" if c is type(None) else c.__name__ for c in classes)
+        raise TypeError(f"{name} must be {wanted}, got {type(value).__name__}")
+    return value
+
+
 def check_values(ok: torch.Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
     """Raise ``ValueError(message + detail())`` unless the 0-d bool tensor ``ok`` is true, with no host sync off the CPU.
 

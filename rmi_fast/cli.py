@@ -90,6 +90,15 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
 
 
+def _threads(text: str) -> int:
+    from rmi_fast.robust.utils import check_threads
+
+    try:
+        return check_threads(_positive(int)(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _png(text: str) -> str:
     if not text.lower().endswith(".png"):
         raise argparse.ArgumentTypeError(f"--plot writes a PNG: the file name must end in .png, got {text!r}")
@@ -239,7 +248,8 @@ def _paper_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     p.add_argument("--eps", type=_radius, default=None, help="ℓ∞ radius (default: the paper's)")
     p.add_argument("--alpha", type=_positive(float), default=None, help="PGD step size (default: the paper's)")
     p.add_argument("--steps", type=_positive(int), default=None, help="PGD steps (default: the paper's)")
-    p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: the dataset's; all cores except for 8×8 digits)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads, at most the machine's (default: the dataset's; all cores except for 8×8 digits)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -503,12 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
 _OUTPUT_FLAGS = ("out", "json", "plot", "markdown", "table")
 #: The commands whose --out is a folder (every other output is a file).
 _FOLDER_OUT = ("reproduce",)
+#: The flags that name a file a command reads, which no output may overwrite.
+_INPUT_FLAGS = ("encoder", "model", "from_json")
 
 
 def _check_writable(command: str, flag: str, path: str) -> None:
     """The nearest existing folder on the way to ``path`` must be a writable folder (the commands create the rest);
     a new file in an existing folder is created and removed again, which also catches a folder that takes no files
     (/proc, a read-only mount) whatever the permission bits say."""
+    if not path.strip():
+        raise ValueError(f"--{flag}: an empty path")
     target = Path(path).expanduser().absolute()
     wants_folder = flag == "out" and command in _FOLDER_OUT
     if target.is_dir() and not wants_folder:
@@ -528,14 +542,25 @@ def _check_writable(command: str, flag: str, path: str) -> None:
             raise ValueError(f"--{flag} {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
+def _check_inputs_kept(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """No output may be one of the command's input files (train-head --out ENC.pt would replace the encoder)."""
+    for out_flag, out_path in outputs.items():
+        for in_flag, in_path in inputs.items():
+            if Path(out_path).expanduser().resolve() == Path(in_path).expanduser().resolve():
+                raise ValueError(f"--{out_flag} {out_path} is the --{in_flag.replace('_', '-')} file: writing it would "
+                                 "replace what the command reads")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A bad argument or input found while it runs (a ValueError, or an OSError such as a missing
     data file) ends it with a one-line error, as argparse's own; RMI_FAST_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
-        for flag in _OUTPUT_FLAGS:
-            if getattr(args, flag, None):
-                _check_writable(args.command, flag, getattr(args, flag))
+        outputs = {flag: getattr(args, flag) for flag in _OUTPUT_FLAGS if getattr(args, flag, None) is not None}
+        for flag, path in outputs.items():
+            _check_writable(args.command, flag, path)
+        _check_inputs_kept(outputs, {flag: getattr(args, flag) for flag in _INPUT_FLAGS
+                                     if getattr(args, flag, None) is not None})
         return int(args.func(args) or 0)
     except (ValueError, OSError) as exc:
         if os.environ.get("RMI_FAST_DEBUG") == "1":

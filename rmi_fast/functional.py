@@ -98,13 +98,18 @@ def _scale_tensor(name: str, scale, like: torch.Tensor) -> torch.Tensor:
         scale = _scalar_tensor(name, scale, like)
         _check_finite_scale(name, scale)
         return scale
+    _check_float_scale(name, scale)
+    if not -torch.finfo(dtype).max <= scale <= torch.finfo(dtype).max:
+        raise ValueError(f"{name} overflows the scores' {dtype}: |{name}| > {torch.finfo(dtype).max:.4g}")
+    return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
+
+
+def _check_float_scale(name: str, scale) -> None:
+    """A scale given as a number: real and finite."""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
     if not -math.inf < scale < math.inf:  # comparisons, not math.isfinite: they trace under torch.compile(dynamic=True)
         raise ValueError(f"{name} must be finite, got {_shown(scale)}")
-    if not -torch.finfo(dtype).max <= scale <= torch.finfo(dtype).max:
-        raise ValueError(f"{name} overflows the scores' {dtype}: |{name}| > {torch.finfo(dtype).max:.4g}")
-    return torch.full((), float(scale), dtype=dtype, device=like.device)  # a fill, not a host-to-device copy
 
 
 def _scalar_tensor(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -329,6 +334,15 @@ def _check_bound_args(x, y, bound, reduction, backend, clip, diagonal, determini
     _check_embeddings("x", x)
     _check_embeddings("y", y)
     _check_pair("x", x, "y", y)
+    clip = _check_bound_options(bound, reduction, backend, clip, diagonal, deterministic, gather)
+    B = x.shape[-2] * _world_size(gather)
+    if bound != "infonce" and B < 2:
+        raise ValueError(f"bound={bound!r} needs negatives: x and y must hold at least 2 rows, got B={B}")
+    return clip
+
+
+def _check_bound_options(bound, reduction, backend, clip, diagonal, deterministic, gather) -> float:
+    """The checks of mi_bound's options that need no inputs; → clip as a float."""
     _check_choice("bound", bound, BOUNDS)
     _check_choice("reduction", reduction, _REDUCTIONS)
     _check_choice("diagonal", diagonal, ("exclude", "zero"))
@@ -338,9 +352,6 @@ def _check_bound_args(x, y, bound, reduction, backend, clip, diagonal, determini
     _check_backend(backend)
     _check_flags(deterministic=deterministic)
     _check_gather(gather)
-    B = x.shape[-2] * _world_size(gather)
-    if bound != "infonce" and B < 2:
-        raise ValueError(f"bound={bound!r} needs negatives: x and y must hold at least 2 rows, got B={B}")
     return _check_positive("clip", clip)
 
 
@@ -414,6 +425,12 @@ class MINE:
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {_shown(momentum)}")
         _check_mine_options(bound_kwargs)
+        # the options that need no inputs are checked now, not at the first call
+        o = {**_MINE_OPTIONS, **bound_kwargs}
+        _check_bound_options("mine", o["reduction"], o["backend"], o["clip"], o["diagonal"], o["deterministic"],
+                             o["gather"])
+        if not isinstance(o["scale"], torch.Tensor):
+            _check_float_scale("scale", o["scale"])
         self.momentum = float(momentum)
         self.log_ema: torch.Tensor | None = None
         self.bound_kwargs = bound_kwargs

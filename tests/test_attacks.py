@@ -322,6 +322,10 @@ def _run(**overrides):
     (lambda: gradient_masking_check([("pgd", -0.1)]), ValueError, "results['pgd'] must be"),
     (lambda: gradient_masking_check([("pgd", 150.0)]), ValueError, "a percentage in [0, 100]"),
     (lambda: gradient_masking_check(None), TypeError, "results must be (attack_name, accuracy) pairs or a mapping"),
+    # a consistent order, but a name given twice would let the later entry stand for the earlier one
+    (lambda: gradient_masking_check([("pgd", 0.5), ("apgd", 0.3), ("pgd", 0.2)]), ValueError, "'pgd' appears twice"),
+    (lambda: apgd_checkpoints(-1), ValueError, "steps must be an integer >= 0"),
+    (lambda: apgd_checkpoints(1.5), TypeError, "steps must be an integer"),
     (lambda: _run(use_best="no"), TypeError, "use_best must be True or False"),
     (lambda: _run(random_start=1), TypeError, "random_start must be True or False"),
     (lambda: _run(per_sample="yes"), TypeError, "per_sample must be True or False"),

@@ -65,6 +65,13 @@ def test_rerender_from_json(quick_run, tmp_path, capsys):
     assert (tmp_path / "t.md").read_text().count("| nwj/B2048/D128/fp32 |") >= 1
 
 
+def test_rerender_names_a_file_that_is_not_text(tmp_path, capsys):
+    binary = tmp_path / "enc.pt"
+    binary.write_bytes(b"\x80\x02}q\x00.")
+    assert cli.main(["bench", "--from-json", str(binary)]) == 2
+    assert f"cannot read benchmark JSON {binary}" in capsys.readouterr().err
+
+
 def test_append_continues_an_earlier_report(quick_run, tmp_path):
     """A suite run in parts: the earlier rows stay, the case run again replaces its own rows, the new case is added;
     a report of another device is refused."""
@@ -126,6 +133,7 @@ def test_rerender_refuses_a_malformed_report(quick_run, tmp_path, capsys, edit, 
                                                        "selected cases on cpu"),
     (["bench", "--seed", str(2**64)], "expected an integer in [0, 2**63)"),
     (["tune", "--quick", "--install"], "its table cannot be --install-ed"),
+    (["bench", "--quick", "--append"], "--append adds to the report of --json FILE"),
 ])
 def test_bad_arguments_are_explained(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -420,3 +420,22 @@ def test_a_split_without_images_is_refused(tmp_path, protocol):
 def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
         load_dataset(**kwargs)
+
+
+_IMAGES, _LABELS = torch.rand(3, 1, 8, 8), torch.tensor([0, 9, 4])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(name="imagenet"), "name must be one of"),
+    (dict(split="val"), "split must be one of"),
+    (dict(images=torch.rand(3, 3, 8, 8)), "images must be a float32 (N, 1, 8, 8) tensor for digits"),
+    (dict(images=_IMAGES * 2), "images must lie in [0, 1]"),
+    (dict(labels=torch.tensor([0, 10, 4])), "labels must lie in [0, 10)"),
+    (dict(labels=_LABELS.int()), "labels must be an int64 (3,) tensor"),
+])
+def test_a_split_is_what_its_dataset_holds(kwargs, words):
+    """Split is the Dataset the paper's system trains on: its images and labels are checked against the dataset
+    it names (its .info), as load_dataset would give them."""
+    with pytest.raises(ValueError) as info:
+        Split(**{"images": _IMAGES, "labels": _LABELS, "name": "digits", "split": "train", **kwargs})
+    assert words in str(info.value)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import rmi_fast as rf
-from rmi_fast.robust.critics import Critic, CriticConfig
+from rmi_fast.robust.critics import Critic, CriticConfig, critic_config_for
 from rmi_fast.robust.downstream import (EvalAttack, HeadConfig, attack_suite, evaluate_classifier, load_classifier,
                                         save_classifier, train_head)
-from rmi_fast.robust.estimation import EstimationConfig, MIEstimate, adversarial_accuracy_bound, estimate_mi
+from rmi_fast.robust.estimation import (EstimationConfig, MIEstimate, adversarial_accuracy_bound, estimate_mi,
+                                        evaluate_mi, fit_critic)
 from rmi_fast.robust.models import Encoder, EncoderConfig, make_head
 from rmi_fast.robust.training import EncoderTrainConfig, load_encoder, train_encoder
 from rmi_fast.robust.worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
@@ -36,8 +37,8 @@ def _models(seed=0):
 
 
 def _config(mode="worst-case", **kw):
-    return EncoderTrainConfig(mode=mode, encoder=ENC, critic=CRIT, attack=ATTACK,
-                              **{"epochs": 2, "batch_size": 8, "lr": 1e-3, **kw})
+    return EncoderTrainConfig(**{"mode": mode, "encoder": ENC, "critic": CRIT, "attack": ATTACK, "epochs": 2,
+                                 "batch_size": 8, "lr": 1e-3, **kw})
 
 
 def test_critic_shapes_and_broadcast_through_mi_bound():
@@ -137,6 +138,9 @@ def test_estimation_rv_and_theorem_bound():
     assert est.to_dict()["rv"] == est.rv
     assert adversarial_accuracy_bound(1.0, 10) == pytest.approx((1.0 + math.log(2)) / math.log(10))
     assert adversarial_accuracy_bound(0.0, 2) == pytest.approx(1.0)
+    # MI is never negative: a negative estimate's bound is MI 0's, not a lower one that a sound model could break
+    assert adversarial_accuracy_bound(-5.0, 10) == adversarial_accuracy_bound(0.0, 10) == pytest.approx(
+        math.log(2) / math.log(10))
     with pytest.raises(ValueError):
         adversarial_accuracy_bound(1.0, 1)
 
@@ -196,6 +200,32 @@ _HEAD = HeadConfig(head="linear", epochs=1, batch_size=8)
     (lambda: EvalAttack("apgd", "apgd", 0.1, -1), ValueError, "steps must be an integer >= 0"),
     (lambda: attack_suite(0.1, 0.05, 0), ValueError, "steps must be an integer >= 1"),
     (lambda: adversarial_accuracy_bound("0.5", 10), TypeError, "mi_worst must be a real number"),
+    # sub-configs of their own class (a checkpoint of any other could not be read back), width 0 is not "default"
+    (lambda: _config(attack=None), TypeError, "attack must be AttackConfig, got NoneType"),
+    (lambda: _config(mi="dv"), TypeError, "mi must be MIConfig, got str"),
+    (lambda: _config(encoder=ENC.to_dict()), TypeError, "encoder must be EncoderConfig, got dict"),
+    (lambda: EstimationConfig(critic=CRIT, attack=None), TypeError, "attack must be AttackConfig"),
+    (lambda: HeadConfig(training="robust", attack=ATTACK), TypeError, "attack must be EvalAttack or None"),
+    (lambda: critic_config_for(1, 8, 8, width=0), ValueError, "CriticConfig.width must be an integer >= 1"),
+    (lambda: make_head("mlp", 8, 10, -1), ValueError, "hidden must be an integer >= 1"),
+    (lambda: make_head("linear", 8, 1), ValueError, "num_classes must be an integer >= 2"),
+    (lambda: EvalAttack("", "pgd", 0.1, 2, 0.05), ValueError, "attack name must be a non-empty string"),
+    # flags are True or False: a truthy "no" must not mean True
+    (lambda: train_encoder(_config(), _images(16), resume="no"), TypeError, "resume must be True or False"),
+    (lambda: train_encoder(_config(), _images(16), distributed="no"), TypeError, "distributed must be True or False"),
+    (lambda: train_encoder(_config(), _images(16), checkpoint_every="5"), TypeError,
+     "checkpoint_every must be an integer"),
+    (lambda: train_encoder(_config(), _images(16), stop_after=-3), ValueError, "stop_after must be an integer >= 0"),
+    (lambda: evaluate_mi(_models()[0], Critic(CRIT), _images(16), _EST, worst_case="no"), TypeError,
+     "worst_case must be True or False"),
+    (lambda: fit_critic(_models()[0], _images(16), _EST, worst_case=1), TypeError, "worst_case must be True or False"),
+    (lambda: Critic(CRIT)(_images(4), torch.rand(4, 8), detach_local="no"), TypeError,
+     "detach_local must be True or False"),
+    # the critic's representation width against the encoder's, before any fit
+    (lambda: estimate_mi(_models()[0], _images(16), _images(16), EstimationConfig(
+        critic=CriticConfig(in_channels=1, image_size=8, rep_dim=9, conv_channels=(4,), width=16), attack=ATTACK)),
+     ValueError, "config.critic.rep_dim (9) must equal the encoder's representation size (8)"),
+    (lambda: Critic(CRIT)(_images(1), torch.rand(1, 8)), ValueError, "x: the bound needs at least 2 images"),
     # images: the model's shape, float32, values in [0, 1], enough of them; checked before any work
     (lambda: train_encoder(_config(), _images(16).double()), TypeError, "images must be float32"),
     (lambda: train_encoder(_config(mode="infomax"), _nan_image()), ValueError,
@@ -217,6 +247,16 @@ _HEAD = HeadConfig(head="linear", epochs=1, batch_size=8)
      ValueError, "num_classes must be an integer >= 2"),
     (lambda: evaluate_classifier(_classifier(4), _images(8), torch.arange(8), []), ValueError,
      "labels must lie in [0, 4): the model has 4 outputs"),
+    # attacks: results are keyed by name, the clean accuracy's is "natural"
+    (lambda: evaluate_classifier(_classifier(4), _images(8), torch.arange(8) % 4, attack_suite(0.1, 0.05, 1) * 2),
+     ValueError, "attacks[3]: the name 'pgd' is taken by an earlier one"),
+    (lambda: evaluate_classifier(_classifier(4), _images(8), torch.arange(8) % 4,
+                                 [EvalAttack("Natural", "pgd", 0.1, 1, 0.05)]),
+     ValueError, "attacks[0]: the name 'Natural' is the clean accuracy's"),
+    (lambda: evaluate_classifier(_classifier(4), _images(8), torch.arange(8) % 4, "pgd"), TypeError,
+     "attacks must be a list of EvalAttack"),
+    (lambda: evaluate_classifier(_classifier(4), _images(8), torch.arange(8) % 4, [], seed=1.5), TypeError,
+     "seed must be an integer"),
     # modules: an input of another shape than the config's
     (lambda: Critic(CRIT)(torch.rand(4, 1, 16, 16), torch.rand(4, 8)), ValueError, "x must be a (B, 1, 8, 8) batch"),
     (lambda: Critic(CRIT)(_images(4), torch.rand(4, 9)), ValueError, "z must be (4, 8)"),

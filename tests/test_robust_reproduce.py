@@ -87,6 +87,9 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
         (["estimate-mi", "--encoder", str(unfinished)], f"{unfinished} holds an unfinished run (step 0 of 1)"),
         (["train-encoder", "--mode", "infomax", "--out", str(enc), "--epochs", "2", "--limit", "8"],
          "start over with resume=False (on the command line: --restart)"),
+        (["train-encoder", "--out", ""], "--out: an empty path"),
+        (["train-head", "--encoder", str(enc), "--out", str(enc)],
+         f"--out {enc} is the --encoder file: writing it would replace what the command reads"),
     ]
     if Path("/proc/self").is_dir():  # a folder that takes no files, whatever its permission bits say
         cases.append((["train-encoder", "--out", "/proc/rmi_fast.pt"], "--out /proc/rmi_fast.pt: cannot write there"))
@@ -101,7 +104,9 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
                                                 ("--eps", "5", "expected a radius in (0, 1] (images are in [0, 1])"),
                                                 ("--alpha", "inf", "expected a positive finite float"),
                                                 ("--seed", str(2**70), "expected an integer in [0, 2**63)"),
-                                                ("--seed", "-1", "expected an integer in [0, 2**63)")])
+                                                ("--seed", "-1", "expected an integer in [0, 2**63)"),
+                                                ("--threads", str(10**11), "threads must be at most this machine's"),
+                                                ("--threads", "0", "expected a positive int")])
 def test_bad_flag_values_are_refused_by_the_parser(tmp_path, capsys, flag, value, words):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "--out", str(tmp_path / "run"), flag, value])
@@ -193,3 +198,32 @@ def test_jsd_estimates_come_without_a_bound(tmp_path, capsys):
     assert "| n/a |" in md and "no Theorem 3.4 bound: the `jsd` estimator's values are not MI in nats" in md
     printed = capsys.readouterr().out
     assert "RV =" in printed and "Theorem 3.4 bound" not in printed
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(estimation_epochs=0), ValueError, "estimation_epochs must be an integer >= 1"),
+    (dict(head_epochs=-1), ValueError, "head_epochs must be an integer >= 1"),
+    (dict(threads=0), ValueError, "threads must be an integer >= 1"),
+    (dict(threads=10**6), ValueError, "threads must be at most this machine's"),
+    (dict(eps=1.5), ValueError, "eps must lie in (0, 1]"),
+    (dict(estimator="nwj"), ValueError, "estimator must be one of"),
+    (dict(restart="no"), TypeError, "restart must be True or False"),
+    (dict(out=""), ValueError, "out must name a folder"),
+    (dict(dataset="imagenet"), ValueError, "dataset must be one of"),
+])
+def test_reproduce_options_are_checked_before_any_work(kwargs, error, words):
+    from rmi_fast.robust.reproduce import ReproduceOptions
+
+    with pytest.raises(error) as info:
+        ReproduceOptions(**kwargs)
+    assert words in str(info.value)
+
+
+def test_derived_seeds_stay_in_range(tmp_path, capsys):
+    """The stages' seeds are derived from --seed (seed + k) and wrap like every seed: the largest --seed the parser
+    takes trains a head (it failed with a seed the user never gave)."""
+    enc, clf = tmp_path / "enc.pt", tmp_path / "clf.pt"
+    common = ["--limit", "16", "--steps", "1", "--quiet", "--epochs", "1"]
+    assert main(["train-encoder", "--mode", "infomax", "--out", str(enc), *common]) == 0
+    assert main(["train-head", "--encoder", str(enc), "--head", "linear", "--out", str(clf),
+                 "--seed", str(2**63 - 1), *common]) == 0

@@ -55,6 +55,11 @@ def _forward_mode(f, primal):
     (lambda: rf.MINE()([1.0], y), TypeError, "x must be a torch.Tensor"),
     (lambda: rf.MINE()(x[:1], y[:1]), ValueError, "needs negatives"),
     (lambda: rf.MINE()(x, y, diagonal="keep"), ValueError, "diagonal must be one of"),
+    # MINE's own options are checked when it is made, not at its first batch
+    (lambda: rf.MINE(0.9, reduction="bad"), ValueError, "reduction must be one of"),
+    (lambda: rf.MINE(0.9, backend="bad"), ValueError, "backend must be 'auto' or one of"),
+    (lambda: rf.MINE(0.9, scale="x"), TypeError, "scale must be a float or a 0-d tensor"),
+    (lambda: rf.MINE(0.9, deterministic="no"), TypeError, "deterministic must be True or False"),
     (lambda: rf.mi_bound(x, y, "mine", mine_ema=0.0), ValueError, "mine_ema must be a positive finite"),
     (lambda: rf.mi_bound(x, y, "mine", mine_ema=-1.0), ValueError, "mine_ema must be a positive finite"),
     (lambda: rf.mi_bound(x, y, "mine", mine_ema="a"), ValueError, "mine_ema must be a positive finite"),

@@ -38,6 +38,8 @@ def bench(*, device: str = "cpu", quick: bool = False, scaling: bool = False, ca
     """
     from . import report, runner
 
+    if append and json_path is None:
+        raise ValueError("--append adds to the report of --json FILE: give the file")
     suite = cases_mod.suite_name(device, quick=quick, scaling=scaling)
     selected = _selected(device, quick, scaling, case_patterns)
     if impl_patterns:

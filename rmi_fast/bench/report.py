@@ -11,7 +11,7 @@ BEGIN, END = "<!-- rmi-fast bench: begin -->", "<!-- rmi-fast bench: end -->"
 def load(path: str | Path) -> dict:
     try:
         report = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read benchmark JSON {path}: {exc}") from exc
     if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
         raise ValueError(f"{path} is not an `rmi-fast bench --json` report (no 'rows' list)")

@@ -22,7 +22,7 @@ from torch import nn
 
 import rmi_fast as rf
 
-from rmi_fast.checks import check_real
+from rmi_fast.checks import check_bool, check_real
 
 from .models import check_batch, check_conv_config, conv_stack, feature_map_size
 
@@ -76,8 +76,8 @@ def critic_config_for(channels: int, image_size: int, rep_dim: int = 64, width: 
     digits protocol runs in minutes on two CPU cores while still separating infomax from worst-case encoders.
     """
     if image_size >= 16:
-        return CriticConfig(channels, image_size, rep_dim, width=width or 2048)
-    return CriticConfig(channels, image_size, rep_dim, conv_channels=(32, 64), width=width or 128)
+        return CriticConfig(channels, image_size, rep_dim, width=2048 if width is None else width)
+    return CriticConfig(channels, image_size, rep_dim, conv_channels=(32, 64), width=128 if width is None else width)
 
 
 class ResidualEmbedding(nn.Module):
@@ -133,7 +133,11 @@ class Critic(nn.Module):
         """
         if bound not in ESTIMATORS:
             raise ValueError(f"bound must be one of {list(ESTIMATORS)}, got {bound!r}")
+        check_bool("detach_local", detach_local)
         local = self.local(x)  # checks x
+        if x.shape[0] < 2 and gather is False:
+            raise ValueError(f"x: the bound needs at least 2 images (the others' pairs are the negatives), got "
+                             f"{x.shape[0]}")
         d = self.config.rep_dim
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape != (x.shape[0], d):
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__

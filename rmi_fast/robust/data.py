@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rmi_fast.checks import check_values
+
 from .matfile import read_numeric_arrays
 
 __all__ = ["DATASETS", "DataShape", "DatasetInfo", "Split", "load_dataset", "read_idx"]
@@ -113,12 +115,23 @@ class Split(Dataset):
     split: str
 
     def __post_init__(self):
-        if self.images.dim() != 4 or self.images.dtype != torch.float32:
-            raise ValueError(f"images must be a float32 (N, C, H, W) tensor, got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],) or self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be an int64 ({self.images.shape[0]},) tensor, got {self.labels.dtype} "
-                             f"{tuple(self.labels.shape)}")
+        if not isinstance(self.name, str) or self.name not in DATASETS:
+            raise ValueError(f"name must be one of {list(DATASETS)}, got {self.name!r}")
+        if not isinstance(self.split, str) or self.split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        info = DATASETS[self.name]
+        chw = (info.channels, info.image_size, info.image_size)
+        images, labels = self.images, self.labels
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.float32 or images.dim() != 4 \
+                or images.shape[1:] != chw:
+            raise ValueError(f"images must be a float32 (N, {', '.join(map(str, chw))}) tensor for {self.name}, got "
+                             f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be an int64 ({images.shape[0]},) tensor, got "
+                             f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+        check_values(((images >= 0) & (images <= 1)).all(), "images must lie in [0, 1] (and hold no NaN)")
+        check_values(((labels >= 0) & (labels < info.num_classes)).all(),
+                     f"labels must lie in [0, {info.num_classes}), the classes of {self.name}")
 
     def __len__(self) -> int:
         return self.labels.shape[0]

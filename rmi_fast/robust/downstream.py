@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from rmi_fast.attacks import apgd, gradient_masking_check, pgd
-from rmi_fast.checks import check_bool, check_int, check_real, check_values
+from rmi_fast.checks import check_bool, check_instance, check_int, check_real, check_values
 
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .models import HEADS, Classifier, Encoder, EncoderConfig, make_head
-from .utils import (check_images, check_labels, check_schedule, epoch_order, make_generator, minibatches, progress,
-                    resolve_device, seeded, steps_per_epoch)
+from .utils import (check_images, check_labels, check_schedule, check_seed, epoch_order, make_generator, minibatches,
+                    progress, resolve_device, seeded, steps_per_epoch)
 
 HEAD_TRAINING = ("standard", "robust")
 CHECKPOINT_KIND = "rmi_fast.robust.classifier"
@@ -41,6 +41,8 @@ class EvalAttack:
     tier: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"attack name must be a non-empty string, got {self.name!r}")
         if self.kind not in ATTACK_KINDS:
             raise ValueError(f"attack kind must be one of {list(ATTACK_KINDS)}, got {self.kind!r}")
         check_real("eps", self.eps)
@@ -108,6 +110,7 @@ class HeadConfig:
             raise ValueError(f"head must be one of {list(HEADS)}, got {self.head!r}")
         if self.training not in HEAD_TRAINING:
             raise ValueError(f"head training must be one of {list(HEAD_TRAINING)}, got {self.training!r}")
+        check_instance("attack", self.attack, (EvalAttack, type(None)))
         if self.training == "robust" and self.attack is None:
             raise ValueError("robust head training needs an attack")
         check_schedule(self)
@@ -126,6 +129,9 @@ class HeadConfig:
 def train_head(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, config: HeadConfig, *,
                num_classes: int, device: str | torch.device = "cpu", show_progress: bool = False) -> Classifier:
     """Train a head on the frozen ``encoder``: images (N, C, H, W) in [0, 1], labels (N,) int64 → head ∘ g (eval)."""
+    check_instance("encoder", encoder, Encoder)
+    check_instance("config", config, HeadConfig)
+    check_bool("show_progress", show_progress)
     check_images(images, encoder.config)
     check_labels(labels, images.shape[0], num_classes)
     device = resolve_device(device)
@@ -172,7 +178,9 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
     if n < 1:
         raise ValueError("images: need at least one image to evaluate on, got none")
     check_labels(labels, n, None)  # the upper end once the model's outputs show its number of classes
+    _check_attack_list(attacks)
     batch_size = check_int("batch_size", batch_size, 1)
+    seed = check_seed(seed)
     device = resolve_device(device)
     model.eval()
     generator = make_generator(seed, device)
@@ -200,6 +208,21 @@ def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: to
                                                    + [(a.name, acc[a.name]) for a in attacks],
                                                    tiers={a.name: a.tier for a in attacks}),
     }
+
+
+def _check_attack_list(attacks) -> None:
+    """A list of EvalAttack with distinct names, none of them "natural" (the results are keyed by name, and the clean
+    accuracy is "natural")."""
+    if not isinstance(attacks, (list, tuple)):
+        raise TypeError(f"attacks must be a list of EvalAttack, got {type(attacks).__name__}")
+    names = set()
+    for i, attack in enumerate(attacks):
+        check_instance(f"attacks[{i}]", attack, EvalAttack)
+        clean = attack.name.lower() == "natural"
+        if clean or attack.name in names:
+            reason = "is the clean accuracy's" if clean else "is taken by an earlier one"
+            raise ValueError(f"attacks[{i}]: the name {attack.name!r} {reason}: each attack needs a name of its own")
+        names.add(attack.name)
 
 
 def save_classifier(path, model: Classifier, config: HeadConfig, *, dataset: str, num_classes: int) -> None:

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from rmi_fast.attacks import eval_mode
-from rmi_fast.checks import check_int, check_real
+from rmi_fast.checks import check_bool, check_instance, check_int, check_real
 
 from .critics import Critic, CriticConfig
-from .utils import (check_images, check_schedule, epoch_order, make_generator, minibatches, progress, resolve_device,
-                    seeded, steps_per_epoch)
+from .utils import (check_images, check_schedule, derived_seed, epoch_order, make_generator, minibatches, progress,
+                    resolve_device, seeded, steps_per_epoch)
 from .worst_case import AttackConfig, MIConfig, mi_estimate, worst_case_batch
 
 
@@ -40,6 +40,8 @@ class EstimationConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name, cls in (("critic", CriticConfig), ("attack", AttackConfig), ("mi", MIConfig)):
+            check_instance(name, getattr(self, name), cls)
         check_schedule(self)
 
     def to_dict(self) -> dict:
@@ -63,10 +65,13 @@ class MIEstimate:
 
 def adversarial_accuracy_bound(mi_worst: float, num_classes: int) -> float:
     """Theorem 3.4: with uniform labels over |Y| classes, every downstream classifier's adversarial accuracy is at
-    most (I_worst + ln 2) / ln |Y| (MI in nats). Not clipped to 1: a value ≥ 1 means the bound is vacuous."""
+    most (I_worst + ln 2) / ln |Y| (MI in nats). Not clipped to 1: a value ≥ 1 means the bound is vacuous.
+
+    A negative estimate (a lower bound such as DV can fall below 0 on a poor critic) counts as 0: the true MI is
+    never negative, so the theorem's bound is at least ln 2 / ln |Y|."""
     num_classes = check_int("num_classes", num_classes, 2)
     mi_worst = check_real("mi_worst", mi_worst, allow_negative=True)
-    return (mi_worst + math.log(2.0)) / math.log(num_classes)
+    return (max(mi_worst, 0.0) + math.log(2.0)) / math.log(num_classes)
 
 
 def _with_frozen_encoder(fn):
@@ -75,6 +80,7 @@ def _with_frozen_encoder(fn):
     encoder from learning."""
     @functools.wraps(fn)
     def run(encoder: nn.Module, *args, **kwargs):
+        check_instance("encoder", encoder, nn.Module)
         flags = [(p, p.requires_grad) for p in encoder.parameters()]
         with eval_mode(encoder):
             try:
@@ -87,11 +93,24 @@ def _with_frozen_encoder(fn):
     return run
 
 
+def _check_estimation_args(encoder, config, **flags) -> None:
+    """The arguments every estimation function shares: a config whose critic takes the encoder's representations
+    (where the encoder states their width), and True/False flags."""
+    check_instance("config", config, EstimationConfig)
+    dim = getattr(getattr(encoder, "config", None), "dim", None)
+    if isinstance(dim, int) and dim != config.critic.rep_dim:
+        raise ValueError(f"config.critic.rep_dim ({config.critic.rep_dim}) must equal the encoder's representation "
+                         f"size ({dim})")
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
 @_with_frozen_encoder
 def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfig, *, worst_case: bool,
                device: str | torch.device = "cpu", show_progress: bool = False) -> Critic:
     """Train a fresh critic on the frozen ``encoder`` over ``images`` (N, C, H, W): clean batches, or (worst_case)
     batches re-attacked against the current critic at every step. Returns the critic in eval mode."""
+    _check_estimation_args(encoder, config, worst_case=worst_case, show_progress=show_progress)
     check_images(images, config.critic, at_least=2)
     device = resolve_device(device)
     n = images.shape[0]
@@ -124,11 +143,13 @@ def fit_critic(encoder: nn.Module, images: torch.Tensor, config: EstimationConfi
 def evaluate_mi(encoder: nn.Module, critic: Critic, images: torch.Tensor, config: EstimationConfig, *,
                 worst_case: bool, device: str | torch.device = "cpu") -> float:
     """Mean of the critic's bound over the full batches of ``images``, clean or worst-case (against this critic)."""
+    _check_estimation_args(encoder, config, worst_case=worst_case)
+    check_instance("critic", critic, Critic)
     check_images(images, config.critic, at_least=2)
     device = resolve_device(device)
     n = images.shape[0]
     batch = min(config.batch_size, n)
-    generator = make_generator(config.seed + 1, device)
+    generator = make_generator(derived_seed(config.seed, 1), device)
     values = []
     for idx in minibatches(n, batch, drop_last=True):
         x = images[idx].to(device)
@@ -142,6 +163,7 @@ def evaluate_mi(encoder: nn.Module, critic: Critic, images: torch.Tensor, config
 def estimate_mi(encoder: nn.Module, fit_images: torch.Tensor, eval_images: torch.Tensor, config: EstimationConfig,
                 *, device: str | torch.device = "cpu", show_progress: bool = False) -> MIEstimate:
     """Algorithm 2: natural and worst-case MI of a frozen encoder (a fresh critic for each), and so its RV."""
+    _check_estimation_args(encoder, config, show_progress=show_progress)
     check_images(fit_images, config.critic, name="fit_images", at_least=2)  # both before the first fit
     check_images(eval_images, config.critic, name="eval_images", at_least=2)
     estimates = {}

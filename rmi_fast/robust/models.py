@@ -121,6 +121,9 @@ class Encoder(nn.Module):
 
 def make_head(kind: str, dim: int = 64, num_classes: int = 10, hidden: int = 200) -> nn.Module:
     """Downstream classifier on the representation: "linear" (dim→classes) or "mlp" (dim→hidden→classes)."""
+    check_int("dim", dim, 1)
+    check_int("num_classes", num_classes, 2)
+    check_int("hidden", hidden, 1)
     if kind == "linear":
         return nn.Linear(dim, num_classes)
     if kind == "mlp":

@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .critics import CriticConfig, critic_config_for
+from rmi_fast.checks import check_bool, check_instance, check_int, check_real
+
+from .critics import ESTIMATORS, CriticConfig, critic_config_for
+from .data import DATASETS, load_dataset
 from .downstream import HEAD_TRAINING, EvalAttack, HeadConfig, attack_suite, evaluate_classifier, train_head
 from .estimation import EstimationConfig, adversarial_accuracy_bound, estimate_mi
 from .models import HEADS, encoder_config_for
 from .settings import ProtocolSettings, dataset_settings
 from .training import MODES, EncoderTrainConfig, default_train_config, train_encoder
-from .utils import resolve_device
+from .utils import check_seed, check_threads, derived_seed, resolve_device
 from .worst_case import AttackConfig, MIConfig
 
 #: The paper's claim checked on every run: with a standard head, the worst-case encoder reaches a higher adversarial
@@ -66,11 +69,34 @@ class ReproduceOptions:
     restart: bool = False
     show_progress: bool = True
 
+    def __post_init__(self):
+        """Everything checked before any work: a bad option must not end a run after its first encoder."""
+        if not isinstance(self.dataset, str) or self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
+            raise ValueError(f"out must name a folder, got {self.out!r}")
+        check_instance("data_dir", self.data_dir, (str, os.PathLike, type(None)))
+        check_seed(self.seed)
+        for name in ("epochs", "steps", "estimation_epochs", "head_epochs", "train_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.eps is not None and not 0 < check_real("eps", self.eps) <= 1:
+            raise ValueError(f"eps must lie in (0, 1] (images are in [0, 1]), got {self.eps!r}")
+        if self.alpha is not None:
+            check_real("alpha", self.alpha, positive=True)
+        if self.threads is not None:
+            check_threads(self.threads)
+        for name in ("attack_input_branch", "restart", "show_progress"):
+            check_bool(name, getattr(self, name))
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        MIConfig(bound=self.estimator, diagonal=self.diagonal, backend=self.backend)  # diagonal, backend, together
+        resolve_device(self.device)
+
 
 def run(options: ReproduceOptions) -> dict:
     """Run the protocol; write the report, plots and checkpoints into ``options.out``; return the report dict."""
-    from .data import load_dataset
-
+    check_instance("options", options, ReproduceOptions)
     t_start = time.perf_counter()
     device = resolve_device(options.device)
     out = Path(options.out)
@@ -109,7 +135,7 @@ def run(options: ReproduceOptions) -> dict:
                                    protocol_head_config(head, training, s, options.seed), num_classes=s.num_classes,
                                    device=device, show_progress=options.show_progress)
                 metrics = evaluate_classifier(model, test.images, test.labels, attacks, device=device,
-                                              seed=options.seed + 3)
+                                              seed=derived_seed(options.seed, 3))
                 rows.append(_row(mode, head, training, metrics, attacks, bound))
         timing[f"downstream_{mode}"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
@@ -149,7 +175,7 @@ def protocol_estimation_config(train: EncoderTrainConfig, s: ProtocolSettings, s
         through_input_branch = train.attack.through_input_branch
     attack = AttackConfig(eps=s.eps, alpha=s.alpha, steps=s.steps, through_input_branch=through_input_branch)
     return EstimationConfig(critic=train.critic, attack=attack, mi=train.mi, epochs=s.estimation_epochs,
-                            batch_size=s.batch_size, lr=s.estimation_lr, seed=seed + 1)
+                            batch_size=s.batch_size, lr=s.estimation_lr, seed=derived_seed(seed, 1))
 
 
 def protocol_head_config(head: str, training: str, s: ProtocolSettings, seed: int) -> HeadConfig:
@@ -157,7 +183,7 @@ def protocol_head_config(head: str, training: str, s: ProtocolSettings, seed: in
     PGD from a random start."""
     attack = EvalAttack("pgd-train", "pgd", s.eps, s.steps, s.alpha, random_start=True)
     return HeadConfig(head=head, training=training, attack=attack, epochs=s.head_epochs, batch_size=s.batch_size,
-                      lr=s.head_lr, seed=seed + 2)
+                      lr=s.head_lr, seed=derived_seed(seed, 2))
 
 
 def _critic(s: ProtocolSettings) -> CriticConfig:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rmi_fast.checks import check_bool
+from rmi_fast.checks import check_bool, check_instance, check_int
 
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
 from .critics import Critic, CriticConfig
@@ -55,6 +55,10 @@ class EncoderTrainConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        for name, cls in (("encoder", EncoderConfig), ("critic", CriticConfig), ("attack", AttackConfig),
+                          ("mi", MIConfig)):
+            check_instance(name, getattr(self, name), cls)
+        check_instance("dataset", self.dataset, (str, type(None)))
         if self.critic.rep_dim != self.encoder.dim:
             raise ValueError(f"critic.rep_dim ({self.critic.rep_dim}) must equal encoder.dim ({self.encoder.dim})")
         check_schedule(self)
@@ -128,6 +132,13 @@ def train_encoder(config: EncoderTrainConfig, images: torch.Tensor, *, device: s
         the global batch ``batch_size`` must be divisible by the number of ranks.
     Batches are full (a short last batch is dropped: the bound depends on B); an epoch has N // batch_size steps.
     """
+    check_instance("config", config, EncoderTrainConfig)
+    check_instance("checkpoint", checkpoint, (str, os.PathLike, type(None)))
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 0)
+    if stop_after is not None:
+        check_int("stop_after", stop_after, 0)
+    check_bool("resume", resume)
+    check_bool("show_progress", show_progress)
     device = resolve_device(device)
     check_images(images, config.encoder, at_least=2)
     n = images.shape[0]
@@ -206,6 +217,7 @@ def make_worst_case_step(dataset: str = "cifar10", batch_size: int = 128, backen
     from .settings import dataset_settings
 
     s = dataset_settings(dataset)
+    check_int("batch_size", batch_size, 2)  # the bound needs negatives
     device = resolve_device(device)
     config = default_train_config(dataset, "worst-case", mi=MIConfig(backend=backend), batch_size=batch_size,
                                   seed=seed)
@@ -237,6 +249,8 @@ def default_train_config(dataset: str, mode: str, **overrides) -> EncoderTrainCo
 
 def _data_parallel(distributed: bool | None) -> tuple[int, int]:
     """(rank, world size) of the data-parallel run: (0, 1) for a single process."""
+    if distributed is not None:
+        check_bool("distributed", distributed)
     initialised = dist.is_available() and dist.is_initialized()
     if distributed is None:
         distributed = initialised and dist.get_world_size() > 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,21 @@ def check_seed(seed) -> int:
     if seed >= 2**63:
         raise ValueError(f"seed must be below 2**63, got {seed}")
     return seed
+
+
+def derived_seed(seed: int, k: int) -> int:
+    """The k-th seed derived from ``seed`` for another stage of a run, in [0, 2⁶³) like every seed."""
+    return (seed + k) % 2**63
+
+
+def check_threads(threads) -> int:
+    """A number of CPU threads: at least 1, at most the machine's logical CPUs (more only oversubscribe the cores,
+    and torch fails to start tens of thousands of threads)."""
+    threads = check_int("threads", threads, 1)
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ValueError(f"threads must be at most this machine's {cpus} logical CPUs, got {threads}")
+    return threads
 
 
 def check_images(images, spec, *, name: str = "images", at_least: int = 1) -> None:
