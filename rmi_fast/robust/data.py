@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rmi_fast.checks import check_values
-
 from .matfile import read_numeric_arrays
+from .utils import check_labels, check_unit_range
 
 __all__ = ["DATASETS", "DataShape", "DatasetInfo", "Split", "load_dataset", "read_idx"]
 
@@ -129,9 +128,8 @@ class Split(Dataset):
         if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(f"labels must be an int64 ({images.shape[0]},) tensor, got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-        check_values(((images >= 0) & (images <= 1)).all(), "images must lie in [0, 1] (and hold no NaN)")
-        check_values(((labels >= 0) & (labels < info.num_classes)).all(),
-                     f"labels must lie in [0, {info.num_classes}), the classes of {self.name}")
+        check_unit_range(images)
+        check_labels(labels, images.shape[0], info.num_classes)
 
     def __len__(self) -> int:
         return self.labels.shape[0]

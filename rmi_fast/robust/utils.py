@@ -78,6 +78,11 @@ def check_images(images, spec, *, name: str = "images", at_least: int = 1) -> No
     if images.shape[0] < at_least:
         need = " (the bounds need negatives)" if at_least > 1 else ""
         raise ValueError(f"{name}: need at least {at_least} images{need}, got {images.shape[0]}")
+    check_unit_range(images, name)
+
+
+def check_unit_range(images: torch.Tensor, name: str = "images") -> None:
+    """Every value in [0, 1] (no NaN): the box the datasets load and the attacks keep to."""
     check_values(((images >= 0) & (images <= 1)).all(), f"{name} must lie in [0, 1] (and hold no NaN)",
                  lambda: f"; they span [{images.min().item():.4g}, {images.max().item():.4g}]")
 
