@@ -74,11 +74,12 @@ def _positive(kind: type):
 
 
 def _radius(text: str) -> float:
-    """An ℓ∞ radius on images in [0, 1]: in (0, 1]."""
-    value = _positive(float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a radius in (0, 1] (images are in [0, 1]), got {text!r}")
-    return value
+    from rmi_fast.robust.utils import check_radius
+
+    try:
+        return check_radius(_positive(float)(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a radius in (0, 1] (images are in [0, 1]), got {text!r}") from None
 
 
 def _seed(text: str) -> int:

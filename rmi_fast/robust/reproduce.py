@@ -30,7 +30,7 @@ from .estimation import EstimationConfig, adversarial_accuracy_bound, estimate_m
 from .models import HEADS, encoder_config_for
 from .settings import ProtocolSettings, dataset_settings
 from .training import MODES, EncoderTrainConfig, default_train_config, train_encoder
-from .utils import check_seed, check_threads, derived_seed, resolve_device
+from .utils import check_radius, check_seed, check_threads, derived_seed, resolve_device
 from .worst_case import AttackConfig, MIConfig
 
 #: The paper's claim checked on every run: with a standard head, the worst-case encoder reaches a higher adversarial
@@ -80,8 +80,8 @@ class ReproduceOptions:
         for name in ("epochs", "steps", "estimation_epochs", "head_epochs", "train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
-        if self.eps is not None and not 0 < check_real("eps", self.eps) <= 1:
-            raise ValueError(f"eps must lie in (0, 1] (images are in [0, 1]), got {self.eps!r}")
+        if self.eps is not None:
+            check_radius(self.eps)
         if self.alpha is not None:
             check_real("alpha", self.alpha, positive=True)
         if self.threads is not None:

@@ -58,6 +58,14 @@ def derived_seed(seed: int, k: int) -> int:
     return (seed + k) % 2**63
 
 
+def check_radius(eps) -> float:
+    """An ℓ∞ radius of an attack on images in [0, 1]: in (0, 1]."""
+    eps = check_real("eps", eps)
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps must lie in (0, 1] (images are in [0, 1]), got {eps!r}")
+    return eps
+
+
 def check_threads(threads) -> int:
     """A number of CPU threads: at least 1, at most the machine's logical CPUs (more only oversubscribe the cores,
     and torch fails to start tens of thousands of threads)."""
